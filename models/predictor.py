@@ -1,0 +1,103 @@
+"""Batch prediction from a loaded classifier bundle: calibrated scores, top-k, out-of-scope."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import BatchEncoding
+
+from models.bundle import Bundle
+
+OUT_OF_SCOPE = "out_of_scope"
+
+
+@dataclass
+class Prediction:
+    """One text's prediction. ``label`` is :data:`OUT_OF_SCOPE` when the calibrated
+    confidence is under the bundle's threshold; ``top_k`` always lists real intents."""
+
+    label: str
+    score: float
+    out_of_scope: bool
+    top_k: list[dict[str, float | str]] = field(default_factory=list)
+    truncated: bool = False
+
+
+class IntentPredictor:
+    """Tokenizes, runs the classifier in inference mode and applies the bundle's calibration."""
+
+    def __init__(self, bundle: Bundle, max_length: int | None = None):
+        if bundle.task != "intent-classification":
+            raise ValueError(
+                f"bundle {bundle.path} holds a {bundle.task!r} model, not an intent classifier"
+            )
+        self.bundle = bundle
+        self.model = bundle.model
+        self.tokenizer = bundle.tokenizer
+        self.labels = bundle.labels
+        self.temperature = float(bundle.calibration.get("temperature", 1.0))
+        self.threshold = float(bundle.calibration.get("oos_threshold", 0.0))
+        self.max_length = max_length or int(bundle.training.get("max_length", 128))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, texts: list[str]) -> tuple[BatchEncoding, list[bool]]:
+        """Tokenize with padding to the longest text; also report which texts were truncated."""
+        encoding = self.tokenizer(
+            texts,
+            truncation=True,
+            max_length=self.max_length,
+            padding="longest",
+            return_tensors="pt",
+            return_offsets_mapping=True,
+        )
+        full_lengths = [
+            len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]
+        ]
+        return encoding, [n > self.max_length for n in full_lengths]
+
+    def model_inputs(self, encoding: BatchEncoding) -> dict[str, torch.Tensor]:
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        return {k: encoding[k].to(self.device) for k in keys if k in encoding}
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled softmax (the calibrated confidence)."""
+        return torch.softmax(logits.float() / self.temperature, dim=-1)
+
+    def to_predictions(
+        self, logits: torch.Tensor, truncated: list[bool], top_k: int = 3
+    ) -> list[Prediction]:
+        probs = self.probabilities(logits).cpu()
+        k = max(1, min(top_k, probs.shape[-1]))
+        values, indices = probs.topk(k, dim=-1)
+        results = []
+        for row_values, row_indices, was_truncated in zip(
+            values.tolist(), indices.tolist(), truncated
+        ):
+            best_score = row_values[0]
+            out_of_scope = best_score < self.threshold
+            results.append(
+                Prediction(
+                    label=OUT_OF_SCOPE if out_of_scope else self.labels[row_indices[0]],
+                    score=best_score,
+                    out_of_scope=out_of_scope,
+                    top_k=[
+                        {"label": self.labels[i], "score": s}
+                        for i, s in zip(row_indices, row_values)
+                    ],
+                    truncated=was_truncated,
+                )
+            )
+        return results
+
+    @torch.inference_mode()
+    def predict(self, texts: list[str], top_k: int = 3) -> list[Prediction]:
+        """Predict intents for a batch of texts, in order."""
+        if not texts:
+            return []
+        encoding, truncated = self.encode(texts)
+        logits = self.model(**self.model_inputs(encoding)).logits
+        return self.to_predictions(logits, truncated, top_k)

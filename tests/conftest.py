@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny randomly initialised encoders saved as local model directories.
+
+Unit tests never touch real weights or the network: they build a 2-layer BERT with
+a 32-wide hidden state and reuse the vocabulary of the packaged MiniLM tokenizer
+(a local file), as the Hugging Face test suites do with their tiny models.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_tiny_backbone(directory: Path, seed: int = 0) -> Path:
+    """Write a tiny random BERT encoder and the MiniLM tokenizer into ``directory``."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from models.backbone import resolve_backbone
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(), local_files_only=True)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    BertModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone(tmp_path_factory) -> Path:
+    """Path of a tiny random encoder directory, loadable with ``load_backbone``."""
+    return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
