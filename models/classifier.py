@@ -70,7 +70,10 @@ class IntentClassifier(nn.Module):
         labels: torch.Tensor | None = None,
         output_pooling_weights: bool = False,
         output_attentions: bool = False,
+        pooling_mask: torch.Tensor | None = None,
     ) -> ClassifierOutput:
+        """``pooling_mask`` (B, T) overrides the tokens pooled over; explanations pass the
+        input's mask with a [PAD]-substituted baseline so both are read at the same positions."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         encoder_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -79,7 +82,10 @@ class IntentClassifier(nn.Module):
         if output_attentions:
             encoder_kwargs["output_attentions"] = True
         encoded = self.encoder(**encoder_kwargs)
-        mask = self.pooling_mask(input_ids, attention_mask)  # (B, T)
+        if pooling_mask is None:
+            mask = self.pooling_mask(input_ids, attention_mask)  # (B, T)
+        else:
+            mask = pooling_mask.to(torch.bool)  # (B, T)
         pooled, weights = self.pooling(encoded.last_hidden_state, mask)  # (B, N*H), (B, N, T)
         logits = self.head(self.dropout(pooled))  # (B, C)
         loss = None

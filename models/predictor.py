@@ -75,7 +75,7 @@ class IntentPredictor:
         values, indices = probs.topk(k, dim=-1)
         results = []
         for row_values, row_indices, was_truncated in zip(
-            values.tolist(), indices.tolist(), truncated
+            values.tolist(), indices.tolist(), truncated, strict=True
         ):
             best_score = row_values[0]
             out_of_scope = best_score < self.threshold
@@ -86,7 +86,7 @@ class IntentPredictor:
                     out_of_scope=out_of_scope,
                     top_k=[
                         {"label": self.labels[i], "score": s}
-                        for i, s in zip(row_indices, row_values)
+                        for i, s in zip(row_indices, row_values, strict=True)
                     ],
                     truncated=was_truncated,
                 )

@@ -66,14 +66,14 @@ def test_bundle_refuses_corrupt_weights(tmp_path, classifier):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="checksum mismatch for model.safetensors"):
+    with pytest.raises(BundleError, match=r"checksum mismatch for model\.safetensors"):
         load_bundle(path)
 
 
 def test_bundle_refuses_missing_file_and_missing_dir(tmp_path, classifier):
     path = _save(tmp_path, classifier)
     (path / "labels.json").unlink()
-    with pytest.raises(BundleError, match="labels.json is missing"):
+    with pytest.raises(BundleError, match=r"labels\.json is missing"):
         load_bundle(path)
     with pytest.raises(BundleError, match="does not exist"):
         load_bundle(tmp_path / "nowhere")

@@ -1,0 +1,263 @@
+"""DialogSum benchmark: train the extractive summarizer and compare it with LEAD and the oracle.
+
+Reads ``dev.jsonl`` by path (default ``../shared/data/dialogsum/dev.jsonl``, relative
+to the repository root; nothing is copied into the repository) and splits its 500
+dialogues with a fixed seed into train / validation / test (350 / 50 / 100 by
+default). The split files go to a temporary directory outside the repository and are
+fed to ``training.train_summarizer`` with ``training/recipes/summarizer/dialogsum.yaml``.
+
+The summary budget (units per summary, or a ratio of the dialogue's units) is chosen
+on the validation split; then, in the same run, the test split is scored (ROUGE-1/2/L
+F1 ×100, rouge-score with stemming, turns written ``#PersonN#: text``) for the model,
+LEAD-2, LEAD-3 and the greedy 3-turn ROUGE oracle, with training time and inference
+throughput. Writes ``benchmarks/results/dialogsum.{json,md}``, per device kind.
+
+    python benchmarks/dialogsum.py [--data ../shared/data/dialogsum/dev.jsonl] [--key value ...]
+
+Any ``--key value`` not listed below is passed on to ``training.train_summarizer``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.banking77 import machine  # noqa: E402
+
+# Measured on the whole dev.jsonl (shared data README): LEAD-3 and a 3-turn greedy oracle.
+REFERENCE = {"lead3": (28.4, 7.8, 21.5), "oracle": (43.9, 19.2, 35.5)}
+TARGET_GAIN = 4.0
+BUDGETS = [{"max_sentences": k} for k in (1, 2, 3, 4)] + [{"ratio": r} for r in (0.2, 0.3, 0.4)]
+
+
+def split_rows(rows: list[dict], sizes: tuple[int, int, int], seed: int) -> dict[str, list[dict]]:
+    """Seeded shuffle, then consecutive train / validation / test slices."""
+    if sum(sizes) > len(rows):
+        raise ValueError(
+            f"split sizes {sizes} need {sum(sizes)} dialogues, the file has {len(rows)}"
+        )
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    train, validation, test = sizes
+    return {
+        "train": [rows[i] for i in order[:train]],
+        "validation": [rows[i] for i in order[train : train + validation]],
+        "test": [rows[i] for i in order[train + validation : train + validation + test]],
+    }
+
+
+def budget_name(budget: dict) -> str:
+    return (
+        f"{budget['max_sentences']} turns"
+        if "max_sentences" in budget
+        else f"ratio {budget['ratio']}"
+    )
+
+
+def score_budgets(predictor, texts: list[str], references: list[str]) -> list[dict]:
+    """ROUGE of the model's summaries under every budget (one scoring pass, many selections)."""
+    from models.summary_predictor import budget_size, join_units, select_units
+    from training.summarization_data import rouge_f1
+
+    results = predictor.summarize(texts, max_sentences=1)
+    rows = []
+    for budget in BUDGETS:
+        summaries = []
+        for text, result in zip(texts, results, strict=True):
+            units = predictor.segment([text])[0]
+            scores = result.explanations["unit_scores"]
+            size = budget_size(len(units), budget.get("max_sentences", 3), budget.get("ratio"))
+            chosen = select_units(scores, [u.text for u in units], size)
+            summaries.append(join_units([units[i] for i in chosen]))
+        rows.append({"budget": budget, **rouge_f1(summaries, references)})
+    return rows
+
+
+def render_markdown(results: dict) -> str:
+    """The committed result table, one section per device kind measured."""
+    lines = [
+        "# DialogSum benchmark: attention-pooling extractive summarizer (MiniLM-L6)",
+        "",
+        "`../shared/data/dialogsum/dev.jsonl` (500 dialogues, one human summary each) split "
+        "with a fixed seed into train / validation / test; the model is trained on train "
+        "(unit labels from a greedy 3-turn ROUGE oracle), early-stopped and its summary "
+        "budget chosen on validation, and every row below is scored on the test split in "
+        "the same run. ROUGE F1 ×100 (rouge-score, stemming on); summaries are whole turns "
+        "written `#PersonN#: text`.",
+        "",
+    ]
+    for kind, run in results["runs"].items():
+        mach = run["machine"]
+        device = mach.get("gpu") or f"{mach['cpu_count']} CPU cores"
+        split = run["split"]
+        lines += [
+            f"## {kind} ({device})",
+            "",
+            f"Split (seed {split['seed']}): {split['train']} train / {split['validation']} "
+            f"validation / {split['test']} test dialogues.",
+            "",
+            "| system (test split) | ROUGE-1 | ROUGE-2 | ROUGE-L |",
+            "|---|---:|---:|---:|",
+        ]
+        for name, key in (
+            (f"model ({budget_name(run['budget'])}, chosen on validation)", "model"),
+            ("LEAD-2", "lead2"),
+            ("LEAD-3", "lead3"),
+            ("greedy oracle (up to 3 turns)", "oracle"),
+        ):
+            m = run["test"][key]
+            lines.append(f"| {name} | {m['rouge1']:.2f} | {m['rouge2']:.2f} | {m['rougeL']:.2f} |")
+        gain = run["test"]["model"]["rouge1"] - run["test"]["lead3"]["rouge1"]
+        lines += [
+            "",
+            f"- ROUGE-1 gain over LEAD-3: **{gain:+.2f}** points (target: +{TARGET_GAIN:.0f}).",
+            f"- training time: {run['train_time_s']:.0f} s ({run['epochs']} epochs, "
+            f"{run['global_step']} steps); inference: {run['summaries_per_s']:.1f} summaries/s "
+            f"(batches of {run['inference_batch_size']}, {run['test_size']} test dialogues, "
+            "segmentation and selection included).",
+            "- validation ROUGE by budget (model): "
+            + ", ".join(
+                f"{budget_name(r['budget'])} {r['rouge1']:.1f}/{r['rouge2']:.1f}/{r['rougeL']:.1f}"
+                for r in run["validation_budgets"]
+            )
+            + ".",
+            f"- whole file, same code: LEAD-3 {'/'.join(str(v) for v in run['whole_file']['lead3'].values())}, "
+            f"oracle {'/'.join(str(v) for v in run['whole_file']['oracle'].values())} "
+            f"(data README: {'/'.join(map(str, REFERENCE['lead3']))} and "
+            f"{'/'.join(map(str, REFERENCE['oracle']))}).",
+            f"- machine: {mach['cpu']}, {mach['cpu_count']} CPU cores available "
+            f"({mach['torch_threads']} torch threads), torch {mach['torch']}, "
+            f"transformers {mach['transformers']}, Python {mach['python']}; the machine was "
+            "shared with other jobs, so times are indicative.",
+            f"- command (from the repository root): `{run['command']}`",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/dialogsum/dev.jsonl")
+    parser.add_argument("--recipe", default="training/recipes/summarizer/dialogsum.yaml")
+    parser.add_argument("--output_dir", default="runs/dialogsum")
+    parser.add_argument("--results_dir", default="benchmarks/results")
+    parser.add_argument("--split", default="350,50,100", help="train,validation,test sizes")
+    parser.add_argument("--split_seed", type=int, default=0)
+    parser.add_argument("--inference_batch_size", type=int, default=16)
+    args, overrides = parser.parse_known_args(argv)
+
+    from datasets import Dataset
+
+    from models.bundle import load_bundle
+    from models.summary_predictor import SummarizerPredictor
+    from training.summarization_data import label_units, lead_summaries, oracle_summaries, rouge_f1
+    from training.train_summarizer import train
+
+    data = Path(args.data)
+    if not data.is_file():
+        print(f"error: {data} not found (set --data)", file=sys.stderr)
+        return 2
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    sizes = tuple(int(x) for x in args.split.split(","))
+    splits = split_rows(rows, sizes, args.split_seed)
+
+    with tempfile.TemporaryDirectory(prefix="dialogsum-split-") as tmp:
+        files = {}
+        for name, part in splits.items():
+            files[name] = Path(tmp) / f"{name}.jsonl"
+            files[name].write_text("".join(json.dumps(r) + "\n" for r in part))
+        result = train(
+            [
+                args.recipe,
+                "--train_file", str(files["train"]),
+                "--validation_file", str(files["validation"]),
+                "--test_file", str(files["test"]),
+                "--output_dir", args.output_dir,
+                *overrides,
+            ]
+        )  # fmt: skip
+
+    import torch
+
+    predictor = SummarizerPredictor(load_bundle(result.bundle))
+    text_column = "dialogue"
+    validation_budgets = score_budgets(
+        predictor,
+        [r[text_column] for r in splits["validation"]],
+        [r["summary"] for r in splits["validation"]],
+    )
+    best = max(validation_budgets, key=lambda r: (r["rouge1"], r["rouge2"]))["budget"]
+
+    test_texts = [r[text_column] for r in splits["test"]]
+    test_refs = [r["summary"] for r in splits["test"]]
+    started = time.perf_counter()
+    summaries = []
+    for i in range(0, len(test_texts), args.inference_batch_size):
+        batch = test_texts[i : i + args.inference_batch_size]
+        summaries += [r.summary for r in predictor.summarize(batch, **best)]
+    inference_s = time.perf_counter() - started
+
+    def labelled(part: list[dict]) -> Dataset:
+        dataset = Dataset.from_dict(
+            {
+                "text": [r[text_column] for r in part],
+                "summary": [r["summary"] for r in part],
+                "labels": [None] * len(part),
+            }
+        )
+        return label_units(dataset, max_units=3)[0]
+
+    test_labelled = labelled(splits["test"])
+    whole = labelled(rows)
+    run = {
+        "split": {"seed": args.split_seed, **{k: len(v) for k, v in splits.items()}},
+        "budget": best,
+        "validation_budgets": validation_budgets,
+        "test": {
+            "model": rouge_f1(summaries, test_refs),
+            "lead2": rouge_f1(lead_summaries(test_labelled, 2), test_labelled["summary"]),
+            "lead3": rouge_f1(lead_summaries(test_labelled, 3), test_labelled["summary"]),
+            "oracle": rouge_f1(oracle_summaries(test_labelled, 3), test_labelled["summary"]),
+        },
+        "whole_file": {
+            "lead3": rouge_f1(lead_summaries(whole, 3), whole["summary"]),
+            "oracle": rouge_f1(oracle_summaries(whole, 3), whole["summary"]),
+        },
+        "train_time_s": result.train_time_s,
+        "epochs": result.report["training"]["epochs"],
+        "global_step": result.report["training"]["global_step"],
+        "summaries_per_s": len(test_texts) / inference_s,
+        "inference_batch_size": args.inference_batch_size,
+        "test_size": len(test_texts),
+        "machine": machine(),
+        "command": shlex.join(
+            ["python", "benchmarks/dialogsum.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "recipe": args.recipe,
+        "overrides": overrides,
+    }
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    results_dir = Path(args.results_dir)
+    json_path = results_dir / "dialogsum.json"
+    results = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": {}}
+    results["runs"][kind] = run
+
+    from training.recipe import atomic_write_text
+
+    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(results_dir / "dialogsum.md", render_markdown(results))
+    print(render_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

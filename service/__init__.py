@@ -1,0 +1,1 @@
+"""HTTP inference service: intent classification and extractive summarization on LitServe."""

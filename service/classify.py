@@ -1,0 +1,179 @@
+"""The intent classification API: dynamic batching, tokenization per batch, explanations.
+
+Two instances serve ``POST /v1/classify``: a fast one for plain predictions (and the
+free ``attention`` explanation) and one with its own worker for the expensive
+methods, so that integrated gradients for one client never delays predictions for
+the others. The route chooses between them (see :mod:`service.app`).
+"""
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import litserve as ls
+import torch
+from fastapi import HTTPException
+from transformers import BatchEncoding
+
+from service.config import CHEAP_METHODS, Settings
+from service.loop import PerRequestBatchedLoop
+
+
+@dataclass
+class ClassifyItem:
+    """One decoded request: its texts and options."""
+
+    texts: list[str]
+    top_k: int
+    explain: list[str]
+
+
+@dataclass
+class ClassifyBatch:
+    """Several requests' texts tokenized together, padded to the longest text of the batch."""
+
+    items: list[ClassifyItem]
+    texts: list[str]
+    encoding: BatchEncoding
+    truncated: list[bool]
+
+
+def set_worker_threads(threads: int) -> None:
+    """Give this worker process its share of the cores."""
+    torch.set_num_threads(threads)
+    # Inter-op threads can only be set once per process.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+
+
+class ClassifyAPI(ls.LitAPI):
+    """``POST /v1/classify`` on one worker pool; ``expensive=True`` is the explanation pool."""
+
+    def __init__(self, settings: Settings, bundle: Path, *, expensive: bool = False):
+        super().__init__(
+            max_batch_size=settings.explain_batch_size if expensive else settings.max_batch_size,
+            batch_timeout=settings.batch_timeout,
+            api_path="/v1/classify/explain" if expensive else "/v1/classify",
+            loop=PerRequestBatchedLoop(),
+        )
+        self.settings = settings
+        self.bundle_path = str(bundle)
+        self.expensive = expensive
+
+    @property
+    def workers(self) -> int:
+        return self.settings.explain_workers if self.expensive else self.settings.workers
+
+    def setup(self, device: str) -> None:
+        from models.bundle import load_bundle
+        from models.explanations import Explainer
+        from models.predictor import IntentPredictor
+        from service import metrics
+
+        set_worker_threads(self.settings.threads_per_worker(self.workers))
+        bundle = load_bundle(self.bundle_path, task="intent-classification", device="cpu")
+        self.predictor = IntentPredictor(bundle)
+        self.explainer = Explainer(
+            bundle.model,
+            bundle.tokenizer,
+            max_length=self.predictor.max_length,
+            ig_steps=self.settings.ig_steps,
+        )
+        self.model_info = {"name": bundle.name, "version": bundle.version}
+        self.batch_sizes = metrics.BATCH_SIZE.labels(api=self.api_path)
+
+    def decode_request(self, request, **kwargs) -> ClassifyItem:
+        """Checks that need the model (the body itself was validated by the route)."""
+        labels = len(self.predictor.labels)
+        if request.top_k > labels:
+            raise HTTPException(
+                422, f"top_k: must be at most {labels}, the number of intents of this model"
+            )
+        if self.settings.strict_length:
+            limit = self.predictor.max_length
+            lengths = self.predictor.tokenizer(request.texts, add_special_tokens=True)["input_ids"]
+            for index, ids in enumerate(lengths):
+                if len(ids) > limit:
+                    raise HTTPException(
+                        422,
+                        f"texts[{index}]: {len(ids)} tokens, over the model's limit of {limit} "
+                        "(strict length mode is on)",
+                    )
+        return ClassifyItem(list(request.texts), request.top_k, list(request.explain))
+
+    def batch(self, inputs: list[ClassifyItem]) -> ClassifyBatch:
+        texts = [text for item in inputs for text in item.texts]
+        encoding, truncated = self.predictor.encode(texts)
+        return ClassifyBatch(inputs, texts, encoding, truncated)
+
+    @torch.inference_mode()
+    def _forward(self, batch: ClassifyBatch):
+        return self.predictor.model(
+            **self.predictor.model_inputs(batch.encoding), output_pooling_weights=True
+        )
+
+    def predict(self, batch: ClassifyBatch) -> list[list[dict[str, Any]]]:
+        from models.explanations import ExplanationError
+
+        self.batch_sizes.observe(len(batch.texts))
+        output = self._forward(batch)
+        top_k = max(item.top_k for item in batch.items)
+        predictions = self.predictor.to_predictions(output.logits, batch.truncated, top_k)
+        targets = output.logits.argmax(dim=-1).tolist()
+
+        results: list[list[dict[str, Any]]] = []
+        start = 0
+        for item in batch.items:
+            rows = range(start, start + len(item.texts))
+            start += len(item.texts)
+            item_results = []
+            for row in rows:
+                prediction = predictions[row]
+                item_results.append(
+                    {
+                        "label": prediction.label,
+                        "score": prediction.score,
+                        "out_of_scope": prediction.out_of_scope,
+                        "top_k": prediction.top_k[: item.top_k],
+                        "truncated": prediction.truncated,
+                        "explanations": {},
+                    }
+                )
+            if "attention" in item.explain:
+                index = torch.tensor(list(rows))
+                encoding = BatchEncoding({k: v[index] for k, v in batch.encoding.items()})
+                explanations = self.explainer.attention_from_outputs(
+                    item.texts,
+                    encoding,
+                    output.pooling_weights[index],
+                    targets[rows.start : rows.stop],
+                )
+                for result, explanation in zip(item_results, explanations, strict=True):
+                    result["explanations"]["attention"] = explanation.to_dict()
+            expensive = [m for m in item.explain if m not in CHEAP_METHODS]
+            if expensive:
+                try:
+                    per_text = self.explainer.explain(
+                        item.texts, expensive, targets=targets[rows.start : rows.stop]
+                    )
+                except ExplanationError as error:
+                    raise HTTPException(422, f"texts: {error}") from None
+                for result, explanations in zip(item_results, per_text, strict=True):
+                    for method, explanation in explanations.items():
+                        result["explanations"][method] = explanation.to_dict()
+            # Keep the requested order of methods in the answer.
+            for result in item_results:
+                result["explanations"] = {
+                    m: result["explanations"][m]
+                    for m in item.explain
+                    if m in result["explanations"]
+                }
+            results.append(item_results)
+        return results
+
+    def unbatch(self, output: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
+        return output
+
+    def encode_response(self, output: list[dict[str, Any]], **kwargs) -> dict[str, Any]:
+        return {"model": self.model_info, "results": output}

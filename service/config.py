@@ -1,0 +1,150 @@
+"""Service settings, read once from ``SUPPORTLENS_*`` environment variables.
+
+The parent process reads them at start-up; worker processes receive the same frozen
+object (pickled with their API), so every process of one server agrees on them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+DEFAULT_INTENT_BUNDLE = "runs/demo-intent/bundle"
+DEFAULT_SUMMARIZER_BUNDLE = "runs/demo-summarizer/bundle"
+# The attribution method shown next to attention on the web page and used by the
+# benchmark: the most faithful one in benchmarks/results/faithfulness.md.
+DEFAULT_ATTRIBUTION = "integrated_gradients"
+# Explanation methods cheap enough to run inside a plain prediction batch.
+CHEAP_METHODS = frozenset({"attention"})
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value the service cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every tunable of the service; the field ``x`` comes from ``SUPPORTLENS_X``."""
+
+    intent_bundle: str = DEFAULT_INTENT_BUNDLE
+    summarizer_bundle: str = DEFAULT_SUMMARIZER_BUNDLE
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""
+    workers: int = 1
+    explain_workers: int = 1
+    summarize_workers: int = 1
+    api_servers: int = 1
+    torch_threads: int = 0
+    max_batch_size: int = 32
+    batch_timeout: float = 0.005
+    explain_batch_size: int = 4
+    max_texts: int = 32
+    max_top_k: int = 20
+    max_body_bytes: int = 1_000_000
+    max_in_flight: int = 64
+    max_explain_in_flight: int = 4
+    retry_after: int = 1
+    queue_timeout: float = 10.0
+    request_timeout: float = 30.0
+    drain_timeout: float = 25.0
+    strict_length: bool = False
+    log_text: bool = False
+    log_level: str = "info"
+    default_attribution: str = DEFAULT_ATTRIBUTION
+    ig_steps: int = 32
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Parse ``SUPPORTLENS_*`` variables; unset ones keep their defaults."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for spec in fields(cls):
+            name = f"SUPPORTLENS_{spec.name.upper()}"
+            raw = environ.get(name)
+            if raw is None or (raw.strip() == "" and spec.name != "api_key"):
+                continue
+            values[spec.name] = _parse(name, raw.strip(), spec.default)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        positive = (
+            "workers",
+            "explain_workers",
+            "summarize_workers",
+            "api_servers",
+            "max_batch_size",
+            "explain_batch_size",
+            "max_texts",
+            "max_top_k",
+            "max_body_bytes",
+            "max_in_flight",
+            "max_explain_in_flight",
+            "ig_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"SUPPORTLENS_{name.upper()} must be at least 1")
+        for name in ("queue_timeout", "request_timeout", "drain_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(
+                    f"SUPPORTLENS_{name.upper()} must be a positive number of seconds"
+                )
+        if self.batch_timeout < 0 or self.batch_timeout >= self.queue_timeout:
+            raise ConfigError("SUPPORTLENS_BATCH_TIMEOUT must be >= 0 and below the queue timeout")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"SUPPORTLENS_PORT must be a TCP port, got {self.port}")
+        if self.torch_threads < 0:
+            raise ConfigError("SUPPORTLENS_TORCH_THREADS must be >= 0 (0 picks one per worker)")
+
+    def threads_per_worker(self, workers: int) -> int:
+        """Torch threads for one of ``workers`` processes sharing this machine's cores."""
+        if self.torch_threads:
+            return self.torch_threads
+        return max(1, (os.cpu_count() or 1) // max(1, workers))
+
+    def bundle_path(self, which: str) -> Path | None:
+        """The bundle to serve for ``which`` ("intent" or "summarizer"), or None to skip it.
+
+        A default path that does not exist means "not trained yet" and is skipped; a
+        path set explicitly must exist (the caller verifies it and names the variable).
+        """
+        value = getattr(self, f"{which}_bundle")
+        default = DEFAULT_INTENT_BUNDLE if which == "intent" else DEFAULT_SUMMARIZER_BUNDLE
+        if value.lower() in {"none", "off", "-"}:
+            return None
+        path = Path(value)
+        if value == default and not path.exists():
+            return None
+        return path
+
+
+def _parse(name: str, raw: str, default: object) -> object:
+    if isinstance(default, bool):
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ConfigError(f"{name} must be 0 or 1, got {raw!r}")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    return raw
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, parsed from the environment on first use."""
+    return Settings.from_env()

@@ -1,0 +1,177 @@
+"""End to end: fine-tune a tiny random encoder on the demo intents through the CLI entry point."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from models.bundle import load_bundle
+from models.predictor import OUT_OF_SCOPE, IntentPredictor
+from training import predict
+from training.recipe import parse_recipe_and_overrides
+from training.train_intent import (
+    DataArguments,
+    IntentTrainingArguments,
+    ModelArguments,
+    main,
+    train,
+)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = str(REPO / "training" / "recipes" / "intent" / "demo.yaml")
+FAST = [
+    "--train_file", str(REPO / "training" / "demo" / "intents.csv"),
+    "--test_file", str(REPO / "training" / "demo" / "intents_test.csv"),
+    "--max_length", "32",
+    "--per_device_train_batch_size", "64",
+    "--learning_rate", "1e-3",
+    "--save_total_limit", "3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, tiny_backbone):
+    """One epoch on the demo data: a checkpoint, a report and a bundle."""
+    output_dir = tmp_path_factory.mktemp("intent-run")
+    args = [RECIPE, *FAST, "--backbone", str(tiny_backbone), "--output_dir", str(output_dir)]
+    result = train([*args, "--num_train_epochs", "1"])
+    return output_dir, args, result
+
+
+def test_training_writes_bundle_report_and_resolved_config(first_run):
+    output_dir, _, result = first_run
+    bundle = load_bundle(output_dir / "bundle", task="intent-classification")
+    assert len(bundle.labels) >= 12
+    assert bundle.training["max_length"] == 32
+    assert bundle.calibration["temperature"] > 0
+    assert 0.0 <= bundle.calibration["oos_threshold"] <= 1.0
+    assert bundle.metrics["accuracy"] == result.report["metrics"]["accuracy"]
+    for name in ("report.json", "report.md", "confusion_matrix.png"):
+        assert (output_dir / "report" / name).stat().st_size > 0
+    resolved = yaml.safe_load((output_dir / "resolved_config.yaml").read_text())
+    assert resolved["max_length"] == 32 and resolved["label_column"] == "intent"
+    assert json.loads((output_dir / "bundle" / "resolved_config.json").read_text()) == resolved
+    assert list(output_dir.glob("checkpoint-*"))
+    # The resolved config is itself a valid recipe.
+    (data_args, _, args), _ = parse_recipe_and_overrides(
+        (DataArguments, ModelArguments, IntentTrainingArguments),
+        [str(output_dir / "resolved_config.yaml")],
+    )
+    assert data_args.max_length == 32 and args.learning_rate == pytest.approx(1e-3)
+
+
+def test_predictions_identical_after_reload(first_run):
+    output_dir, _, result = first_run
+    bundle = load_bundle(output_dir / "bundle")
+    texts = ["where is my parcel??", "I forgot my password", "Please cancel order 123", "x"]
+    encoding = bundle.tokenizer(
+        texts, padding=True, truncation=True, max_length=32, return_tensors="pt"
+    )
+    trained = result.model.eval().cpu()
+    with torch.inference_mode():
+        before = trained(**encoding).logits
+        after = bundle.model(**encoding).logits
+    assert torch.equal(before, after)
+    predictions = IntentPredictor(bundle).predict(texts, top_k=3)
+    assert [len(p.top_k) for p in predictions] == [3] * len(texts)
+    for p, row in zip(predictions, after, strict=True):
+        best = bundle.labels[int(row.argmax())]
+        assert p.top_k[0]["label"] == best
+        assert p.label == (OUT_OF_SCOPE if p.out_of_scope else best)
+
+
+def test_resume_continues_from_last_checkpoint(first_run):
+    _, args, first = first_run
+    steps_per_epoch = first.report["training"]["global_step"]
+    resumed = train([*args, "--num_train_epochs", "2", "--resume"])
+    training = resumed.report["training"]
+    assert training["resumed_from"].endswith(f"checkpoint-{steps_per_epoch}")
+    assert training["global_step"] == 2 * steps_per_epoch
+
+
+def test_predict_cli_prints_json_lines(first_run, capsys):
+    output_dir, _, _ = first_run
+    assert (
+        predict.main(
+            ["--bundle", str(output_dir / "bundle"), "--json", "--top_k", "2", "hi", "refund?"]
+        )
+        == 0
+    )
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["text"] for line in lines] == ["hi", "refund?"]
+    assert all(len(line["top_k"]) == 2 for line in lines)
+
+
+def test_predict_cli_missing_bundle_exits_2(tmp_path, capsys):
+    assert predict.main(["--bundle", str(tmp_path / "none"), "hello"]) == 2
+    assert "error: no model bundle" in capsys.readouterr().err
+
+
+def test_bad_data_exits_2_without_bundle(tmp_path, tiny_backbone, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("message,intent\nhello,greet\n")
+    output_dir = tmp_path / "run"
+    code = main(
+        [
+            RECIPE,
+            "--train_file",
+            str(bad),
+            "--backbone",
+            str(tiny_backbone),
+            "--output_dir",
+            str(output_dir),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "'text'" in last and "message" in last
+    assert not (output_dir / "bundle").exists()
+
+
+def test_failure_after_training_leaves_no_bundle(tmp_path, tiny_backbone, monkeypatch):
+    import training.train_intent as module
+
+    def broken_report(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module, "write_report", broken_report)
+    output_dir = tmp_path / "run"
+    with pytest.raises(OSError, match="disk full"):
+        train(
+            [
+                RECIPE,
+                *FAST,
+                "--backbone",
+                str(tiny_backbone),
+                "--output_dir",
+                str(output_dir),
+                "--max_steps",
+                "2",
+            ]
+        )
+    assert not (output_dir / "bundle").exists()
+    assert not [p for p in output_dir.iterdir() if p.name.startswith(".bundle")]
+
+
+def test_cli_process_reports_unknown_test_labels_without_traceback(tmp_path, tiny_backbone):
+    test = tmp_path / "test.csv"
+    test.write_text("text,intent\nwhere is it,track_order\nhello,say_hello\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "training.train_intent", RECIPE, "--test_file", str(test),
+         "--backbone", str(tiny_backbone), "--output_dir", str(tmp_path / "run")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "error: " in completed.stderr and "say_hello" in completed.stderr
+    assert "Traceback" not in completed.stderr

@@ -1,0 +1,259 @@
+"""Properties of the explanation methods on a tiny random classifier."""
+
+from __future__ import annotations
+
+import gc
+import resource
+
+import pytest
+import torch
+
+from models.backbone import load_backbone
+from models.classifier import ClassifierConfig, IntentClassifier
+from models.explanations import (
+    METHODS,
+    Explainer,
+    ExplanationError,
+    WordScore,
+    normalize,
+    word_groups,
+    words_from_tokens,
+)
+
+pytestmark = pytest.mark.unit
+
+TRICKY = [
+    "I lost my card, can you help?!",
+    "refund refund refund... why no refund?",
+    "Мою карту заблокировали, помогите",
+    "我的卡被锁了 please help",
+    "بطاقتي لا تعمل",
+    "card 💳 declined 😡😡 again",
+    "  Café   naïve\tdéjà-vu\nl'été  ",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to split; two threads only add contention."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def explainer(tiny_backbone) -> Explainer:
+    encoder, tokenizer = load_backbone(str(tiny_backbone))
+    torch.manual_seed(0)
+    config = ClassifierConfig(
+        num_labels=5, hidden_size=32, special_token_ids=tokenizer.all_special_ids
+    )
+    model = IntentClassifier(config, encoder)
+    return Explainer(model, tokenizer, ig_steps=128, internal_batch_size=256)
+
+
+def _logit(explainer: Explainer, input_ids, inputs, target: int) -> float:
+    with torch.inference_mode():
+        return float(explainer._forward(input_ids, *explainer._forward_args(inputs))[0, target])
+
+
+def test_attention_is_a_distribution_over_real_tokens_and_zero_on_padding(explainer):
+    texts = ["a short one", "a much longer message about a card that was declined twice"]
+    encoding = explainer.encode(texts)
+    inputs = explainer._inputs(encoding)
+    with torch.inference_mode():
+        output = explainer.model(**inputs, output_pooling_weights=True)
+    weights = output.pooling_weights  # (B, N, T)
+    assert bool((weights >= 0).all())
+    assert bool((weights[0, :, inputs["attention_mask"][0] == 0] == 0).all())
+    targets = output.logits.argmax(-1).tolist()
+    explanations = explainer.attention_from_outputs(texts, encoding, weights, targets)
+    for explanation in explanations:
+        assert all(score >= 0 for score in explanation.token_scores)
+        assert sum(w.score for w in explanation.words) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_rollout_is_non_negative_and_keeps_the_encoder_attention_implementation(explainer):
+    before = explainer.model.encoder.config._attn_implementation
+    (row,) = explainer.explain(["my transfer has not arrived yet"], ["rollout"])
+    scores = row["rollout"].token_scores
+    assert all(score >= 0 for score in scores)
+    # [CLS]/[SEP] take part of the mass, so text tokens hold at most all of it.
+    assert 0 < sum(scores) <= 1 + 1e-5
+    assert explainer.model.encoder.config._attn_implementation == before
+
+
+def test_integrated_gradients_completeness_within_reported_delta(explainer):
+    texts = ["why was my card payment declined?", "top up failed"]
+    rows = explainer.explain(texts, ["integrated_gradients"])
+    base = explainer.baseline_logits(texts)
+    encoding = explainer.encode(texts)
+    inputs = explainer._inputs(encoding)
+    with torch.inference_mode():
+        logits = explainer._forward(inputs["input_ids"], *explainer._forward_args(inputs))
+    for index, row in enumerate(rows):
+        explanation = row["integrated_gradients"]
+        expected = float(logits[index, explanation.target] - base[index, explanation.target])
+        total = sum(explanation.token_scores)
+        assert abs(total - expected) <= abs(explanation.delta) + 1e-4
+        assert abs(explanation.delta) < 1e-2 * max(1.0, abs(expected))
+        assert sum(w.score for w in explanation.words) == pytest.approx(total, abs=1e-5)
+
+
+def test_occlusion_word_score_is_the_logit_drop_when_the_word_is_padded(explainer):
+    text = "please cancel my pending transfer"
+    (row,) = explainer.explain([text], ["occlusion"])
+    explanation = row["occlusion"]
+    encoding = explainer.encode([text])
+    inputs = explainer._inputs(encoding)
+    keep = explainer._keep(encoding)
+    groups = torch.tensor(
+        word_groups(text, encoding["offset_mapping"][0].tolist(), keep[0].tolist())
+    )
+    full = _logit(explainer, inputs["input_ids"], inputs, explanation.target)
+    for index, word in enumerate(explanation.words):
+        ablated = inputs["input_ids"].clone()
+        ablated[0, groups == index] = explainer.tokenizer.pad_token_id
+        drop = full - _logit(explainer, ablated, inputs, explanation.target)
+        assert word.score == pytest.approx(drop, abs=1e-5)
+
+
+def test_gradient_x_input_matches_autograd(explainer):
+    text = "exchange rate for euros"
+    (row,) = explainer.explain([text], ["gradient_x_input"])
+    explanation = row["gradient_x_input"]
+    inputs = explainer._inputs(explainer.encode([text]))
+    captured = {}
+
+    def keep_output(module, args, output):
+        output.retain_grad()
+        captured["embeddings"] = output
+
+    embeddings = explainer.model.encoder.get_input_embeddings()
+    handle = embeddings.register_forward_hook(keep_output)
+    try:
+        logits = explainer._forward(inputs["input_ids"], *explainer._forward_args(inputs))
+        logits[0, explanation.target].backward()
+    finally:
+        handle.remove()
+        explainer.model.zero_grad(set_to_none=True)
+    activation = captured["embeddings"]
+    expected = (activation.grad * activation).sum(-1)[0, 1:-1]  # drop [CLS], [SEP]
+    assert explanation.token_scores == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_word_spans_are_exact_substrings_covering_the_text(explainer, method):
+    rows = explainer.explain(TRICKY, [method])
+    for text, row in zip(TRICKY, rows, strict=True):
+        words = row[method].words
+        covered = set()
+        previous_end = 0
+        for word in words:
+            assert text[word.start : word.end] == word.text
+            assert word.text == word.text.strip() and word.text
+            assert word.start >= previous_end
+            previous_end = word.end
+            covered.update(range(word.start, word.end))
+        # Every visible character belongs to a word, emoji and non-Latin scripts included.
+        assert all(i in covered for i, char in enumerate(text) if not char.isspace())
+
+
+def test_repeated_words_get_their_own_spans(explainer):
+    text = "refund refund refund"
+    (row,) = explainer.explain([text], ["attention"])
+    spans = [(w.start, w.end) for w in row["attention"].words]
+    assert spans == [(0, 6), (7, 13), (14, 20)]
+
+
+def test_words_from_tokens_sums_pieces_and_drops_special_tokens():
+    text = "unbelievable, ok"
+    offsets = [(0, 0), (0, 2), (2, 9), (9, 12), (12, 13), (14, 16), (0, 0)]
+    scores = [5.0, 1.0, 2.0, 3.0, 0.5, -1.0, 7.0]
+    keep = [False, True, True, True, True, True, False]
+    words = words_from_tokens(text, offsets, scores, keep)
+    assert [(w.text, w.start, w.end) for w in words] == [
+        ("unbelievable", 0, 12),
+        (",", 12, 13),
+        ("ok", 14, 16),
+    ]
+    assert [w.score for w in words] == [6.0, 0.5, -1.0]
+
+
+def test_normalize_keeps_sign_and_maps_peak_to_one():
+    words = [WordScore("a", 0, 1, 0.5), WordScore("b", 2, 3, -2.0), WordScore("c", 4, 5, 0.0)]
+    assert normalize(words) == [0.25, -1.0, 0.0]
+    assert normalize([WordScore("a", 0, 1, 0.0)]) == [0.0]
+
+
+def test_explanations_are_deterministic(explainer):
+    first = explainer.explain(TRICKY[:3], METHODS)
+    second = explainer.explain(TRICKY[:3], METHODS)
+    assert [{m: e.to_dict() for m, e in row.items()} for row in first] == [
+        {m: e.to_dict() for m, e in row.items()} for row in second
+    ]
+
+
+def test_batch_results_equal_single_text_results(explainer):
+    texts = ["hi", "my card was charged twice for the same coffee, please refund"]
+    batch = explainer.explain(texts, METHODS)
+    for text, batched in zip(texts, batch, strict=True):
+        (single,) = explainer.explain([text], METHODS)
+        for method in METHODS:
+            assert batched[method].target == single[method].target
+            assert batched[method].token_scores == pytest.approx(
+                single[method].token_scores, abs=1e-4
+            ), method
+
+
+def test_requested_target_is_explained(explainer):
+    rows = explainer.explain(["hello there"], ["attention", "occlusion"], targets=[3])
+    assert {e.target for e in rows[0].values()} == {3}
+    with pytest.raises(ValueError, match="class index"):
+        explainer.explain(["hello there"], ["attention"], targets=[99])
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t ", "!!! ???", "😀😀", "\u200b"])
+def test_text_without_words_is_a_clear_error(explainer, text):
+    with pytest.raises(ExplanationError, match="cannot be explained"):
+        explainer.explain(["a fine message", text], METHODS)
+
+
+def test_unknown_method_is_named(explainer):
+    with pytest.raises(ValueError, match=r"'shap'.*integrated_gradients"):
+        explainer.explain(["hello"], ["attention", "shap"])
+
+
+def test_scores_are_finite_and_serialisable(explainer):
+    rows = explainer.explain(TRICKY, METHODS)
+    for row in rows:
+        for method, explanation in row.items():
+            data = explanation.to_dict()
+            assert data["method"] == method
+            assert ("delta" in data) == (method == "integrated_gradients")
+            assert all(w["score"] == w["score"] for w in data["words"])  # no NaN
+
+
+def test_repeated_calls_release_graphs_and_memory(tiny_backbone):
+    encoder, tokenizer = load_backbone(str(tiny_backbone))
+    config = ClassifierConfig(
+        num_labels=3, hidden_size=32, special_token_ids=tokenizer.all_special_ids
+    )
+    explainer = Explainer(IntentClassifier(config, encoder), tokenizer, ig_steps=2)
+    texts = ["card declined"]
+
+    def live_tensors() -> int:
+        gc.collect()
+        return sum(1 for obj in gc.get_objects() if torch.is_tensor(obj))
+
+    for method in METHODS * 4:
+        explainer.explain(texts, [method])
+    tensors_before = live_tensors()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    # 1000 calls, every method alike (one per call keeps the test to seconds).
+    for call in range(1000):
+        explainer.explain(texts, [METHODS[call % len(METHODS)]])
+    assert live_tensors() <= tensors_before + 5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50 * 1024
+    assert all(p.grad is None for p in explainer.model.parameters())

@@ -1,0 +1,139 @@
+"""Explain intent predictions of a trained classifier bundle.
+
+    python -m training.explain --bundle runs/banking77/bundle "I lost my card"
+    python -m training.explain --bundle DIR --method attention --method occlusion \\
+        --html explanations.html "where is my refund?" "card got declined"
+
+Prints, per text, the predicted intent and, per method, the words ranked by their
+raw score (with the normalised score in brackets). ``--json`` prints one JSON
+object per text instead; ``--html FILE`` also writes a page with highlighted words.
+Texts come from the arguments, or one per line from standard input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import sys
+from pathlib import Path
+
+from models.bundle import BundleError, load_bundle
+from models.explanations import METHODS, Explainer, ExplanationError, normalize
+from models.highlight import render_html
+
+DEFAULT_METHODS = ("attention", "integrated_gradients")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="supportlens-explain", description="Explain intent predictions word by word."
+    )
+    parser.add_argument("--bundle", required=True, help="intent classifier bundle directory")
+    parser.add_argument(
+        "--method",
+        action="append",
+        choices=METHODS,
+        help=f"explanation method, repeatable (default: {' and '.join(DEFAULT_METHODS)})",
+    )
+    parser.add_argument(
+        "--target", help="intent label to explain instead of the predicted one (for every text)"
+    )
+    parser.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps")
+    parser.add_argument("--top", type=int, default=5, help="words listed per method")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per text")
+    parser.add_argument("--html", type=Path, help="also write an HTML page with highlights")
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="messages (default: stdin)")
+    args = parser.parse_args(argv)
+    if args.ig_steps < 1:
+        parser.error("--ig-steps must be at least 1")
+    if not args.texts:
+        args.texts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not args.texts:
+        parser.error("no text to explain: pass messages as arguments or on standard input")
+    args.method = list(dict.fromkeys(args.method or DEFAULT_METHODS))
+    return args
+
+
+def write_html(path: Path, texts: list[str], rows: list[dict], labels: list[str]) -> None:
+    """Write a standalone page with one highlighted fragment per text and method (atomically)."""
+    sections = []
+    for text, row in zip(texts, rows, strict=True):
+        items = "".join(
+            f"<li><b>{html.escape(method)}</b>: "
+            f"{render_html(text, explanation.words, label=method)}</li>"
+            for method, explanation in row.items()
+        )
+        target = labels[next(iter(row.values())).target]
+        sections.append(f"<section><h2>{html.escape(target)}</h2><ul>{items}</ul></section>")
+    page = (
+        '<!doctype html><html><head><meta charset="utf-8"><title>Explanations</title>'
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}"
+        "mark{border-radius:3px;padding:0 1px}li{margin:.4em 0}</style></head><body>"
+        + "".join(sections)
+        + "</body></html>\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the bundle, explain the texts, print (and optionally write HTML)."""
+    args = parse_args(argv)
+    try:
+        bundle = load_bundle(args.bundle, task="intent-classification")
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    labels = bundle.labels
+    targets = None
+    if args.target is not None:
+        if args.target not in labels:
+            print(
+                f"error: unknown intent {args.target!r}; the bundle knows {labels}", file=sys.stderr
+            )
+            return 2
+        targets = [labels.index(args.target)] * len(args.texts)
+    explainer = Explainer(
+        bundle.model,
+        bundle.tokenizer,
+        max_length=int(bundle.training.get("max_length", 128)),
+        ig_steps=args.ig_steps,
+    )
+    try:
+        rows = explainer.explain(args.texts, args.method, targets)
+    except ExplanationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    for text, row in zip(args.texts, rows, strict=True):
+        target = labels[next(iter(row.values())).target]
+        if args.json:
+            document = {
+                "text": text,
+                "target": target,
+                "explanations": {m: e.to_dict() for m, e in row.items()},
+            }
+            print(json.dumps(document, ensure_ascii=False))
+            continue
+        print(f"{text}\n  intent: {target}")
+        for method, explanation in row.items():
+            ranked = sorted(
+                zip(explanation.words, normalize(explanation.words), strict=True),
+                key=lambda pair: pair[0].score,
+                reverse=True,
+            )[: args.top]
+            shown = "  ".join(f"{w.text} {w.score:+.4f} ({n:+.2f})" for w, n in ranked)
+            delta = f"  [delta {explanation.delta:+.2e}]" if explanation.delta is not None else ""
+            print(f"  {method}: {shown}{delta}")
+    if args.html:
+        write_html(args.html, args.texts, rows, labels)
+        print(f"wrote {args.html}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

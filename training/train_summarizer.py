@@ -1,0 +1,389 @@
+"""Fine-tune the attention-pooling extractive summarizer and write a bundle.
+
+Usage::
+
+    python -m training.train_summarizer training/recipes/summarizer/demo.yaml [--key value ...]
+
+The recipe (YAML) sets any argument of ``DataArguments``, ``ModelArguments`` and
+``SummarizerTrainingArguments`` (which extends ``transformers.TrainingArguments``);
+command-line options override it. Unit labels come from a greedy ROUGE oracle against
+each reference summary (``oracle_units`` units at most), or from an explicit
+``labels`` column. Early stopping and the best checkpoint follow validation ROUGE-1
+of the summaries the model would output (``max_sentences`` units, trigram blocking).
+``--resume`` continues from the last checkpoint in ``output_dir``. A run writes::
+
+    <output_dir>/checkpoint-*/          Trainer checkpoints (safetensors)
+    <output_dir>/report.json            ROUGE of the model, LEAD-3 and the oracle
+    <output_dir>/resolved_config.yaml   every argument's final value
+    <output_dir>/bundle/                the model bundle (written last, atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import is_torch_bf16_gpu_available
+
+from models.backbone import DEFAULT_BACKBONE, load_backbone
+from models.bundle import BundleError, save_bundle
+from models.summarizer import ExtractiveSummarizer, SummarizerConfig, encode_conversations
+from models.summary_predictor import budget_size, join_units, select_units
+from training.data import DataError
+from training.recipe import (
+    RecipeError,
+    atomic_write_text,
+    parse_recipe_and_overrides,
+    resolved_config,
+    write_yaml,
+)
+from training.summarization_data import (
+    label_units,
+    lead_summaries,
+    load_conversations,
+    oracle_summaries,
+    rouge_f1,
+    split_off,
+    units_from_columns,
+)
+
+logger = logging.getLogger("training.train_summarizer")
+TASK = "extractive-summarization"
+
+
+@dataclass
+class DataArguments:
+    """Where the conversations come from and how to turn them into unit labels."""
+
+    train_file: str | None = field(default=None, metadata={"help": "CSV/JSON/JSONL/Parquet file."})
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Without it, validation_size of train is held out."}
+    )
+    test_file: str | None = field(default=None, metadata={"help": "Evaluated for the report."})
+    text_column: str = field(default="text")
+    summary_column: str = field(default="summary")
+    labels_column: str = field(
+        default="labels", metadata={"help": "Optional explicit extractive labels (unit indices)."}
+    )
+    validation_size: float = field(
+        default=0.15, metadata={"help": "Fraction (<1) or count (>=1) of train held out."}
+    )
+    oracle_units: int = field(
+        default=3, metadata={"help": "Most units the greedy ROUGE oracle labels per conversation."}
+    )
+    max_length: int = field(default=256, metadata={"help": "Tokens per encoder chunk."})
+    chunk_overlap: int = field(default=64, metadata={"help": "Tokens shared by adjacent chunks."})
+    max_sentences: int = field(
+        default=3, metadata={"help": "Units per summary when evaluating (validation and test)."}
+    )
+
+
+@dataclass
+class ModelArguments:
+    """The summarizer around the encoder."""
+
+    backbone: str = field(
+        default=DEFAULT_BACKBONE, metadata={"help": "Local encoder directory or hub id."}
+    )
+    pooling_heads: int = field(default=1)
+    context_layers: int = field(default=2)
+    context_heads: int = field(default=4)
+    context_feedforward: int = field(default=1024)
+    dropout: float = field(default=0.1)
+    pos_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "BCE weight of selected units; 0 sets it to the training negatives/positives ratio."
+        },
+    )
+
+
+def _bf16_default() -> bool:
+    # bf16 autocast where the GPU supports it; CPUs train in fp32.
+    return bool(torch.cuda.is_available() and is_torch_bf16_gpu_available())
+
+
+@dataclass
+class SummarizerTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with defaults for this task, plus the run's own options."""
+
+    output_dir: str = field(default="runs/summarizer")
+    name: str = field(default="extractive-summarizer", metadata={"help": "Bundle name."})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue from the last checkpoint in output_dir."}
+    )
+    early_stopping_patience: int = field(
+        default=2, metadata={"help": "Evaluations without ROUGE-1 gain before stopping (0: off)."}
+    )
+    eval_strategy: str = field(default="epoch")
+    save_strategy: str = field(default="epoch")
+    logging_strategy: str = field(default="epoch")
+    save_total_limit: int | None = field(default=2)
+    load_best_model_at_end: bool = field(default=True)
+    metric_for_best_model: str | None = field(default="rouge1")
+    greater_is_better: bool | None = field(default=True)
+    learning_rate: float = field(default=5e-5)
+    warmup_steps: float = field(default=0.1)
+    weight_decay: float = field(default=0.01)
+    num_train_epochs: float = field(default=5.0)
+    per_device_train_batch_size: int = field(default=8)
+    per_device_eval_batch_size: int = field(default=16)
+    bf16: bool = field(default_factory=_bf16_default)
+    # The collator builds tensors from the unit columns, which the model does not take.
+    remove_unused_columns: bool = field(default=False)
+    # Pinned memory only helps host-to-GPU copies (and warns on CPU-only machines).
+    dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available)
+
+
+@dataclass
+class ConversationCollator:
+    """Batches labelled conversations into chunked encoder inputs and padded unit labels.
+
+    Tokenization happens here, per batch, because the chunk layout depends on the whole
+    conversation (a unit can span chunks), which fixed-shape ``Dataset.map`` columns
+    cannot express.
+    """
+
+    tokenizer: Any
+    max_length: int
+    overlap: int
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        conversations = [units_from_columns(f["unit_texts"], f["unit_speakers"]) for f in features]
+        batch = encode_conversations(
+            self.tokenizer, conversations, max_length=self.max_length, overlap=self.overlap
+        ).tensors
+        labels = torch.full(batch["unit_mask"].shape, -100.0)  # (B, U)
+        for b, f in enumerate(features):
+            labels[b, : len(f["unit_labels"])] = torch.tensor(f["unit_labels"], dtype=torch.float)
+        batch["labels"] = labels
+        return batch
+
+
+def predicted_summaries(
+    logits: np.ndarray, dataset: datasets.Dataset, max_sentences: int
+) -> list[str]:
+    """Summaries the predictor would output for ``dataset`` from Trainer's padded logits."""
+    summaries = []
+    for row, texts, speakers in zip(
+        logits, dataset["unit_texts"], dataset["unit_speakers"], strict=True
+    ):
+        units = units_from_columns(texts, speakers)
+        chosen = select_units(
+            row[: len(units)].tolist(), texts, budget_size(len(units), max_sentences)
+        )
+        summaries.append(join_units([units[i] for i in chosen]))
+    return summaries
+
+
+def rouge_metrics(dataset: datasets.Dataset, max_sentences: int):
+    """``compute_metrics`` for Trainer: ROUGE F1 of the model's summaries of ``dataset``."""
+
+    def compute(prediction: EvalPrediction) -> dict[str, float]:
+        logits = np.asarray(prediction.predictions)
+        return rouge_f1(predicted_summaries(logits, dataset, max_sentences), dataset["summary"])
+
+    return compute
+
+
+def versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "datasets": datasets.__version__,
+    }
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    bundle: Path
+    report: dict[str, Any]
+    wall_time_s: float
+    train_time_s: float
+
+
+def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets.Dataset], dict]:
+    """Labelled train/validation(/test) splits and the empty rows skipped per split."""
+    if not data_args.train_file:
+        raise DataError("no training data: set train_file (in the recipe or --train_file)")
+    columns = {
+        "text_column": data_args.text_column,
+        "summary_column": data_args.summary_column,
+        "labels_column": data_args.labels_column,
+    }
+    files = {"train": data_args.train_file, "validation": data_args.validation_file}
+    files["test"] = data_args.test_file
+    splits, skipped = {}, {}
+    for name, path in files.items():
+        if path:
+            splits[name], skipped[name] = label_units(
+                load_conversations(path, **columns), max_units=data_args.oracle_units, source=path
+            )
+    if "validation" not in splits:
+        splits["train"], splits["validation"] = split_off(
+            splits["train"], data_args.validation_size, seed
+        )
+    return splits, skipped
+
+
+def train(argv: list[str] | None = None) -> TrainResult:
+    """Parse arguments, label, fine-tune, evaluate and save; see the module docstring."""
+    (data_args, model_args, args), recipe = parse_recipe_and_overrides(
+        (DataArguments, ModelArguments, SummarizerTrainingArguments), argv, prog="train_summarizer"
+    )
+    started = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    set_seed(args.seed)
+
+    # Data
+    splits, skipped = load_splits(data_args, args.seed)
+    try:
+        encoder, tokenizer = load_backbone(model_args.backbone)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
+    limit = getattr(encoder.config, "max_position_embeddings", None) or data_args.max_length
+    if data_args.max_length > limit:
+        raise RecipeError(f"max_length {data_args.max_length} exceeds the encoder's limit {limit}")
+    labels = [x for row in splits["train"]["unit_labels"] for x in row]
+    positives = max(1, sum(labels))
+    pos_weight = model_args.pos_weight or (len(labels) - positives) / positives
+
+    # Model
+    config = SummarizerConfig(
+        hidden_size=encoder.config.hidden_size,
+        pooling_heads=model_args.pooling_heads,
+        context_layers=model_args.context_layers,
+        context_heads=model_args.context_heads,
+        context_feedforward=model_args.context_feedforward,
+        dropout=model_args.dropout,
+        pos_weight=round(float(pos_weight), 4),
+    )
+    model = ExtractiveSummarizer(config, encoder)
+
+    # Training
+    callbacks = []
+    if args.load_best_model_at_end and args.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(args.early_stopping_patience))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        # No processing_class: Trainer would try to align special tokens with
+        # ``model.config``, which our dataclass config does not support; the bundle
+        # saves the tokenizer instead of the checkpoints.
+        data_collator=ConversationCollator(
+            tokenizer, data_args.max_length, data_args.chunk_overlap
+        ),
+        compute_metrics=rouge_metrics(splits["validation"], data_args.max_sentences),
+        callbacks=callbacks,
+    )
+    checkpoint = None
+    if args.resume:
+        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if checkpoint is None:
+            raise RecipeError(f"--resume: no checkpoint-* directory in {output_dir}")
+        logger.info("resuming from %s", checkpoint)
+    train_started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_time = time.perf_counter() - train_started
+
+    # Evaluation: the model beside LEAD-3 and the oracle on the same split
+    split = "test" if "test" in splits else "validation"
+    evaluated = splits[split]
+    logits = trainer.predict(evaluated).predictions
+    metrics = {
+        "split": split,
+        "conversations": len(evaluated),
+        "max_sentences": data_args.max_sentences,
+        "model": rouge_f1(
+            predicted_summaries(logits, evaluated, data_args.max_sentences), evaluated["summary"]
+        ),
+        "lead3": rouge_f1(lead_summaries(evaluated, 3), evaluated["summary"]),
+        "oracle": rouge_f1(
+            oracle_summaries(evaluated, data_args.oracle_units), evaluated["summary"]
+        ),
+    }
+    wall_time = time.perf_counter() - started
+    training_info = {
+        "name": args.name,
+        "backbone": model_args.backbone,
+        "max_length": data_args.max_length,
+        "chunk_overlap": data_args.chunk_overlap,
+        "max_sentences": data_args.max_sentences,
+        "oracle_units": data_args.oracle_units,
+        "recipe": str(recipe) if recipe else None,
+        "data": {
+            "train_file": data_args.train_file,
+            "validation_file": data_args.validation_file,
+            "test_file": data_args.test_file,
+            "examples": {name: len(ds) for name, ds in splits.items()},
+            "skipped_empty_conversations": skipped,
+        },
+        "seed": args.seed,
+        "epochs": trainer.state.epoch,
+        "global_step": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "resumed_from": checkpoint,
+        "device": str(args.device),
+        "bf16": args.bf16,
+        "train_time_s": round(train_time, 1),
+        "wall_time_s": round(wall_time, 1),
+        "versions": versions(),
+    }
+    report = {"name": args.name, "metrics": metrics, "training": training_info}
+    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    resolved = resolved_config(data_args, model_args, args)
+    resolved["resume"] = False  # feeding the file back as a recipe should start a fresh run
+    write_yaml(output_dir / "resolved_config.yaml", resolved)
+    bundle = save_bundle(
+        output_dir / "bundle",
+        trainer.model,
+        tokenizer,
+        task=TASK,
+        training=training_info,
+        metrics=metrics,
+        extra_files={"resolved_config.json": resolved},
+    )
+    logger.info(
+        "%s ROUGE-1/2/L: model %s, LEAD-3 %s, oracle %s; bundle at %s",
+        split,
+        "/".join(str(v) for v in metrics["model"].values()),
+        "/".join(str(v) for v in metrics["lead3"].values()),
+        "/".join(str(v) for v in metrics["oracle"].values()),
+        bundle,
+    )
+    return TrainResult(bundle=bundle, report=report, wall_time_s=wall_time, train_time_s=train_time)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: exit status 2 with ``error: <message>`` for bad data, recipes or bundles."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        train(argv)
+    except (DataError, RecipeError, BundleError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
