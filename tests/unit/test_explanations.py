@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import gc
-import resource
+import json
 
 import pytest
 import torch
@@ -235,25 +234,52 @@ def test_scores_are_finite_and_serialisable(explainer):
             assert all(w["score"] == w["score"] for w in data["words"])  # no NaN
 
 
-def test_repeated_calls_release_graphs_and_memory(tiny_backbone):
-    encoder, tokenizer = load_backbone(str(tiny_backbone))
-    config = ClassifierConfig(
-        num_labels=3, hidden_size=32, special_token_ids=tokenizer.all_special_ids
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_backbone, tmp_path_factory, explainer):
+    from models.bundle import save_bundle
+
+    return save_bundle(
+        tmp_path_factory.mktemp("explain-cli") / "bundle",
+        explainer.model,
+        explainer.tokenizer,
+        task="intent-classification",
+        labels=["card_lost", "refund", "transfer", "top_up", "other"],
+        training={"max_length": 64},
     )
-    explainer = Explainer(IntentClassifier(config, encoder), tokenizer, ig_steps=2)
-    texts = ["card declined"]
 
-    def live_tensors() -> int:
-        gc.collect()
-        return sum(1 for obj in gc.get_objects() if torch.is_tensor(obj))
 
-    for method in METHODS * 4:
-        explainer.explain(texts, [method])
-    tensors_before = live_tensors()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    # 1000 calls, every method alike (one per call keeps the test to seconds).
-    for call in range(1000):
-        explainer.explain(texts, [METHODS[call % len(METHODS)]])
-    assert live_tensors() <= tensors_before + 5
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50 * 1024
-    assert all(p.grad is None for p in explainer.model.parameters())
+def test_cli_prints_json_explanations_and_writes_html(tiny_bundle, tmp_path, capsys):
+    from training.explain import main
+
+    page = tmp_path / "out" / "explanations.html"
+    text = "I lost my card <again>"
+    code = main(
+        ["--bundle", str(tiny_bundle), "--method", "attention", "--method", "occlusion"]
+        + ["--json", "--html", str(page), text]
+    )
+    assert code == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["text"] == text
+    assert set(document["explanations"]) == {"attention", "occlusion"}
+    for word in document["explanations"]["occlusion"]["words"]:
+        assert text[word["start"] : word["end"]] == word["text"]
+    content = page.read_text(encoding="utf-8")
+    assert "&lt;again&gt;" in content and "<again>" not in content
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--bundle", "/nonexistent/bundle", "hi"], "no model bundle"),
+        (["--target", "not_an_intent", "hi"], "unknown intent"),
+        (["   "], "cannot be explained"),
+    ],
+)
+def test_cli_reports_bad_input_without_traceback(tiny_bundle, capsys, argv, message):
+    from training.explain import main
+
+    if argv[0] != "--bundle":
+        argv = ["--bundle", str(tiny_bundle), *argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
