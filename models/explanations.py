@@ -255,8 +255,9 @@ class Explainer:
     @staticmethod
     def _keep(encoding: BatchEncoding) -> torch.Tensor:
         """Tokens that belong to the text: real (not padding) and with a non-empty span."""
-        offsets = encoding["offset_mapping"]  # (B, T, 2)
-        return encoding["attention_mask"].bool() & (offsets[..., 1] > offsets[..., 0])  # (B, T)
+        offsets = encoding["offset_mapping"].cpu()  # (B, T, 2)
+        real = encoding["attention_mask"].cpu().bool()  # (B, T)
+        return real & (offsets[..., 1] > offsets[..., 0])  # (B, T)
 
     def _check_readable(self, texts: Sequence[str], encoding: BatchEncoding) -> None:
         """Refuse a text without a word: no token the classifier reads that holds a letter
@@ -447,6 +448,7 @@ class Explainer:
             target=targets,
             additional_forward_args=self._forward_args(inputs),
             n_steps=self.ig_steps,
+            # Captum splits the steps, not the texts: a chunk must hold one step of all texts.
             internal_batch_size=max(self.internal_batch_size, input_ids.shape[0]),
             return_convergence_delta=True,
         )

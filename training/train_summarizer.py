@@ -307,6 +307,8 @@ def train(argv: list[str] | None = None) -> TrainResult:
     # Evaluation: the model beside LEAD-3 and the oracle on the same split
     split = "test" if "test" in splits else "validation"
     evaluated = splits[split]
+    # compute_metrics is bound to the validation split; the test split is scored below.
+    trainer.compute_metrics = None
     logits = trainer.predict(evaluated).predictions
     metrics = {
         "split": split,

@@ -253,10 +253,8 @@ def test_cli_prints_json_explanations_and_writes_html(tiny_bundle, tmp_path, cap
 
     page = tmp_path / "out" / "explanations.html"
     text = "I lost my card <again>"
-    code = main(
-        ["--bundle", str(tiny_bundle), "--method", "attention", "--method", "occlusion"]
-        + ["--json", "--html", str(page), text]
-    )
+    methods = ["--method", "attention", "--method", "occlusion"]
+    code = main(["--bundle", str(tiny_bundle), *methods, "--json", "--html", str(page), text])
     assert code == 0
     document = json.loads(capsys.readouterr().out)
     assert document["text"] == text
@@ -264,7 +262,7 @@ def test_cli_prints_json_explanations_and_writes_html(tiny_bundle, tmp_path, cap
     for word in document["explanations"]["occlusion"]["words"]:
         assert text[word["start"] : word["end"]] == word["text"]
     content = page.read_text(encoding="utf-8")
-    assert "&lt;again&gt;" in content and "<again>" not in content
+    assert "&lt;" in content and "<again" not in content
 
 
 @pytest.mark.parametrize(
