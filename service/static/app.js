@@ -2,7 +2,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let attribution = "integrated_gradients";
+let attribution = "occlusion";
 
 function headers() {
   const h = { "Content-Type": "application/json" };
