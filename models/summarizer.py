@@ -39,6 +39,16 @@ class SummarizerConfig:
     dropout: float = 0.1
     # Weight of the positive (selected) class in the BCE loss: few units are selected.
     pos_weight: float = 1.0
+    # "bce": each unit scored on its own against its label (0/1, or a graded target in
+    # [0, 1]); "listwise": a softmax over each conversation's units is fitted to the
+    # targets turned into a distribution (softmax of target / temperature). Only the
+    # units' order matters for selection, and the listwise loss trains exactly that.
+    loss: str = "bce"
+    listwise_temperature: float = 0.1
+    # Add learned features of each unit's place in the conversation (relative position,
+    # first, last) to the unit vectors: the sinusoidal index alone cannot say where the
+    # end is, and openings and closings matter in dialogue summaries.
+    position_features: bool = False
     # Chunks per encoder pass at inference, to bound memory on very long inputs.
     chunks_per_pass: int = 32
 
@@ -222,6 +232,21 @@ def sinusoidal_positions(count: int, dim: int, device: torch.device) -> torch.Te
     return table
 
 
+LOSSES = ("bce", "listwise")
+
+
+def relative_position_features(unit_mask: torch.Tensor) -> torch.Tensor:
+    """Per unit: position / (units - 1), is first, is last; ``(B, U, 3)``, zeros on padding."""
+    count = unit_mask.sum(dim=1, keepdim=True).float()  # (B, 1)
+    index = torch.arange(unit_mask.shape[1], device=unit_mask.device).float()[None]  # (1, U)
+    index = index.expand(unit_mask.shape[0], -1)  # (B, U)
+    features = torch.stack(
+        [index / (count - 1).clamp_min(1), (index == 0).float(), (index == count - 1).float()],
+        dim=-1,
+    )  # (B, U, 3)
+    return features * unit_mask[..., None]
+
+
 class ExtractiveSummarizer(nn.Module):
     """Chunked encoder → per-unit attention pooling → unit-level transformer → linear score."""
 
@@ -235,6 +260,13 @@ class ExtractiveSummarizer(nn.Module):
         )
         self.unit_projection = nn.Linear(self.pooling.output_size, hidden)
         self.unit_norm = nn.LayerNorm(hidden)
+        if config.loss not in LOSSES:
+            raise ValueError(f"unknown summarizer loss {config.loss!r}; available: {list(LOSSES)}")
+        if not config.listwise_temperature > 0:
+            raise ValueError(
+                f"listwise_temperature must be positive, got {config.listwise_temperature}"
+            )
+        self.position_features = nn.Linear(3, hidden) if config.position_features else None
         layer = nn.TransformerEncoderLayer(
             d_model=hidden,
             nhead=config.context_heads,
@@ -302,6 +334,10 @@ class ExtractiveSummarizer(nn.Module):
             vectors.dtype
         )
         unit_mask = unit_mask.to(torch.bool)
+        if self.position_features is not None:
+            vectors = vectors + self.position_features(
+                relative_position_features(unit_mask).to(vectors.dtype)
+            )  # (B, U, H)
         padding = ~unit_mask
         # A row with no unit at all would make attention divide by zero (NaN).
         padding[:, 0] &= unit_mask.any(dim=1)
@@ -309,14 +345,7 @@ class ExtractiveSummarizer(nn.Module):
         logits = self.head(self.dropout(context)).squeeze(-1)  # (B, U)
         loss = None
         if labels is not None:
-            valid = unit_mask & (labels >= 0)
-            per_unit = F.binary_cross_entropy_with_logits(
-                logits.float(),
-                labels.float().clamp(0, 1),
-                pos_weight=torch.tensor(self.config.pos_weight, device=logits.device),
-                reduction="none",
-            )  # (B, U)
-            loss = (per_unit * valid).sum() / valid.sum().clamp_min(1)
+            loss = self.loss(logits, labels, unit_mask)
         return SummarizerOutput(
             loss=loss,
             logits=logits,
@@ -327,3 +356,27 @@ class ExtractiveSummarizer(nn.Module):
             ),
             unit_mask=unit_mask if output_pooling_weights else None,
         )
+
+    def loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, unit_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """The configured loss; ``labels`` (B, U) are targets in [0, 1], negative on padding."""
+        valid = unit_mask & (labels >= 0)  # (B, U)
+        targets = labels.float().clamp(0, 1)
+        if self.config.loss == "listwise":
+            # -inf would give NaN for a conversation with no valid unit; those are dropped.
+            blocked = torch.finfo(torch.float32).min
+            wanted = F.softmax(
+                (targets / self.config.listwise_temperature).masked_fill(~valid, blocked), dim=1
+            )  # (B, U)
+            log_probs = F.log_softmax(logits.float().masked_fill(~valid, blocked), dim=1)
+            per_conversation = -(wanted * log_probs).masked_fill(~valid, 0).sum(dim=1)  # (B,)
+            rows = valid.any(dim=1)
+            return (per_conversation * rows).sum() / rows.sum().clamp_min(1)
+        per_unit = F.binary_cross_entropy_with_logits(
+            logits.float(),
+            targets,
+            pos_weight=torch.tensor(self.config.pos_weight, device=logits.device),
+            reduction="none",
+        )  # (B, U)
+        return (per_unit * valid).sum() / valid.sum().clamp_min(1)

@@ -5,7 +5,10 @@ reference summary (which may be abstractive) and/or explicit extractive labels (
 list of 0-based unit indices). Unit labels come from the explicit list when given,
 else from a greedy ROUGE oracle against the reference: units are added one at a
 time while ROUGE-1 + ROUGE-2 F1 of the selection (in original order) improves, up
-to ``max_units``. Rows with an empty conversation are skipped (and counted).
+to ``max_units``. Each unit also gets a graded target, its own ROUGE against the
+reference (see :func:`unit_rouge`), for ranking losses that learn from how close every
+unit comes rather than from the oracle's few picks only. Rows with an empty
+conversation are skipped (and counted).
 """
 
 from __future__ import annotations
@@ -109,6 +112,24 @@ def greedy_oracle(unit_texts: Sequence[str], reference: str, max_units: int = 3)
     return sorted(chosen)
 
 
+def unit_rouge(unit_texts: Sequence[str], reference: str) -> list[float]:
+    """Each unit's mean ROUGE-1/ROUGE-2 F1 against ``reference``, divided by the best unit's.
+
+    The best unit of a conversation scores 1 (all score 0 when none shares a word with
+    the reference), so every conversation weighs the same in a ranking loss.
+    """
+    ref_tokens = rouge_tokens(reference)
+    references = (_ngrams(ref_tokens, 1), _ngrams(ref_tokens, 2))
+    scores = []
+    for text in unit_texts:
+        tokens = rouge_tokens(text)
+        scores.append(
+            (_f1(_ngrams(tokens, 1), references[0]) + _f1(_ngrams(tokens, 2), references[1])) / 2
+        )
+    best = max(scores, default=0.0)
+    return [round(score / best, 4) if best > 0 else 0.0 for score in scores]
+
+
 def units_from_columns(texts: Sequence[str], speakers: Sequence[str | None]) -> list[Unit]:
     """Rebuild units from stored columns (offsets relative to each unit)."""
     return [
@@ -122,7 +143,9 @@ def label_units(
 ) -> tuple[Dataset, int]:
     """Segment every conversation and label its units; return the dataset and rows skipped.
 
-    Adds ``unit_texts``, ``unit_speakers`` and ``unit_labels`` (0/1 per unit). Rows
+    Adds ``unit_texts``, ``unit_speakers``, ``unit_labels`` (0/1 per unit) and
+    ``unit_targets`` (:func:`unit_rouge` against the reference, or the 0/1 labels when
+    they were given explicitly). Rows
     whose conversation has no unit are skipped; a row without a summary and without
     labels, or with a label outside its units, is a :class:`DataError`.
     """
@@ -132,6 +155,7 @@ def label_units(
         "unit_texts": [],
         "unit_speakers": [],
         "unit_labels": [],
+        "unit_targets": [],
     }
     skipped = 0
     for index, (text, summary, labels) in enumerate(
@@ -159,7 +183,13 @@ def label_units(
         )
         rows["unit_texts"].append([u.text for u in units])
         rows["unit_speakers"].append([u.speaker for u in units])
-        rows["unit_labels"].append([int(i in selected) for i in range(len(units))])
+        unit_labels = [int(i in selected) for i in range(len(units))]
+        rows["unit_labels"].append(unit_labels)
+        rows["unit_targets"].append(
+            [float(x) for x in unit_labels]
+            if labels is not None
+            else unit_rouge([unit_text(u) for u in units], summary)
+        )
     if skipped:
         logger.warning("%s: skipped %d row(s) with an empty conversation", source, skipped)
     if not rows["text"]:

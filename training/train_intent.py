@@ -18,33 +18,25 @@ command-line options override it. ``--resume`` continues from the last checkpoin
 from __future__ import annotations
 
 import logging
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
-import torch
-import transformers
 from sklearn.metrics import accuracy_score, f1_score
 from transformers import (
     DataCollatorWithPadding,
-    EarlyStoppingCallback,
     EvalPrediction,
     Trainer,
-    TrainingArguments,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import is_torch_bf16_gpu_available
 
 from models.backbone import DEFAULT_BACKBONE, load_backbone
-from models.bundle import BundleError, save_bundle
+from models.bundle import save_bundle
 from models.classifier import ClassifierConfig, IntentClassifier
-from training.data import DataError, load_intent_data, tokenize_splits
+from training.data import load_intent_data, tokenize_splits
 from training.evaluation import (
     OOS_COVERAGE,
     choose_oos_threshold,
@@ -54,6 +46,7 @@ from training.evaluation import (
 )
 from training.evaluation import softmax as calibrated_softmax
 from training.recipe import RecipeError, parse_recipe_and_overrides, resolved_config, write_yaml
+from training.run import RunArguments, early_stopping, resume_checkpoint, run_cli, versions
 
 logger = logging.getLogger("training.train_intent")
 TASK = "intent-classification"
@@ -94,43 +87,20 @@ class ModelArguments:
     label_smoothing: float = field(default=0.0)
 
 
-def _bf16_default() -> bool:
-    # bf16 autocast where the GPU supports it; CPUs train in fp32.
-    return bool(torch.cuda.is_available() and is_torch_bf16_gpu_available())
-
-
 @dataclass
-class IntentTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with defaults for this task, plus the run's own options."""
+class IntentTrainingArguments(RunArguments):
+    """``RunArguments`` with this task's defaults, plus the out-of-scope coverage."""
 
     output_dir: str = field(default="runs/intent")
     name: str = field(default="intent-classifier", metadata={"help": "Bundle name."})
-    resume: bool = field(
-        default=False, metadata={"help": "Continue from the last checkpoint in output_dir."}
-    )
-    early_stopping_patience: int = field(
-        default=2, metadata={"help": "Evaluations without macro-F1 gain before stopping (0: off)."}
-    )
     oos_coverage: float = field(
         default=OOS_COVERAGE,
         metadata={"help": "Share of correct validation predictions the OOS threshold keeps."},
     )
-    eval_strategy: str = field(default="epoch")
-    save_strategy: str = field(default="epoch")
-    logging_strategy: str = field(default="epoch")
-    save_total_limit: int | None = field(default=2)
-    load_best_model_at_end: bool = field(default=True)
     metric_for_best_model: str | None = field(default="macro_f1")
-    greater_is_better: bool | None = field(default=True)
     learning_rate: float = field(default=1e-4)
-    warmup_steps: float = field(default=0.1)
-    weight_decay: float = field(default=0.01)
-    num_train_epochs: float = field(default=5.0)
     per_device_train_batch_size: int = field(default=32)
     per_device_eval_batch_size: int = field(default=64)
-    bf16: bool = field(default_factory=_bf16_default)
-    # Pinned memory only helps host-to-GPU copies (and warns on CPU-only machines).
-    dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available)
 
 
 @dataclass
@@ -150,15 +120,6 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return {
         "accuracy": float(accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-    }
-
-
-def versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
     }
 
 
@@ -212,9 +173,6 @@ def train(argv: list[str] | None = None) -> TrainResult:
     model = IntentClassifier(config, encoder)
 
     # Training
-    callbacks = []
-    if args.load_best_model_at_end and args.early_stopping_patience > 0:
-        callbacks.append(EarlyStoppingCallback(args.early_stopping_patience))
     trainer = Trainer(
         model=model,
         args=args,
@@ -225,14 +183,9 @@ def train(argv: list[str] | None = None) -> TrainResult:
         # saves the tokenizer instead of the checkpoints.
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
-        callbacks=callbacks,
+        callbacks=early_stopping(args),
     )
-    checkpoint = None
-    if args.resume:
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
-            raise RecipeError(f"--resume: no checkpoint-* directory in {output_dir}")
-        logger.info("resuming from %s", checkpoint)
+    checkpoint = resume_checkpoint(args)
     trainer.train(resume_from_checkpoint=checkpoint)
 
     # Calibration on validation, report on test (or validation)
@@ -309,15 +262,7 @@ def train(argv: list[str] | None = None) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit status 2 with ``error: <message>`` for bad data, recipes or bundles."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        train(argv)
-    except (DataError, RecipeError, BundleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(train, argv)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,12 @@ The recipe (YAML) sets any argument of ``DataArguments``, ``ModelArguments`` and
 ``SummarizerTrainingArguments`` (which extends ``transformers.TrainingArguments``);
 command-line options override it. Unit labels come from a greedy ROUGE oracle against
 each reference summary (``oracle_units`` units at most), or from an explicit
-``labels`` column. Early stopping and the best checkpoint follow validation ROUGE-1
-of the summaries the model would output (``max_sentences`` units, trigram blocking).
+``labels`` column; ``--targets rouge`` trains on each unit's own ROUGE instead.
+``--loss listwise`` fits a softmax over each conversation's units (a ranking loss)
+instead of per-unit BCE, and ``--freeze_encoder_layers`` keeps the lower encoder
+layers fixed, which overfits less on a few hundred conversations. Early stopping and
+the best checkpoint follow validation ROUGE-1 of the summaries the model would output
+(``max_sentences`` units, trigram blocking).
 ``--resume`` continues from the last checkpoint in ``output_dir``. A run writes::
 
     <output_dir>/checkpoint-*/          Trainer checkpoints (safetensors)
@@ -89,6 +93,13 @@ class DataArguments:
     max_sentences: int = field(
         default=3, metadata={"help": "Units per summary when evaluating (validation and test)."}
     )
+    targets: str = field(
+        default="oracle",
+        metadata={
+            "help": "Training targets per unit: 'oracle' (0/1 greedy-oracle labels) or 'rouge' "
+            "(each unit's own ROUGE against the reference, best unit = 1)."
+        },
+    )
 
 
 @dataclass
@@ -106,7 +117,20 @@ class ModelArguments:
     pos_weight: float = field(
         default=0.0,
         metadata={
-            "help": "BCE weight of selected units; 0 sets it to the training negatives/positives ratio."
+            "help": "BCE weight of selected units; 0 sets it to the training negatives/positives "
+            "ratio (oracle targets) or 1 (rouge targets)."
+        },
+    )
+    loss: str = field(default="bce", metadata={"help": "'bce' or 'listwise' (see the model)."})
+    listwise_temperature: float = field(default=0.1)
+    position_features: bool = field(
+        default=False, metadata={"help": "Relative position / first / last features per unit."}
+    )
+    freeze_encoder_layers: int = field(
+        default=0,
+        metadata={
+            "help": "Freeze the embeddings and this many lower encoder layers (-1: the whole "
+            "encoder); fewer trained weights overfit less on small data."
         },
     )
 
@@ -160,6 +184,7 @@ class ConversationCollator:
     tokenizer: Any
     max_length: int
     overlap: int
+    targets: str = "unit_labels"
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         conversations = [units_from_columns(f["unit_texts"], f["unit_speakers"]) for f in features]
@@ -168,7 +193,7 @@ class ConversationCollator:
         ).tensors
         labels = torch.full(batch["unit_mask"].shape, -100.0)  # (B, U)
         for b, f in enumerate(features):
-            labels[b, : len(f["unit_labels"])] = torch.tensor(f["unit_labels"], dtype=torch.float)
+            labels[b, : len(f[self.targets])] = torch.tensor(f[self.targets], dtype=torch.float)
         batch["labels"] = labels
         return batch
 
@@ -218,6 +243,29 @@ class TrainResult:
     train_time_s: float
 
 
+TARGET_COLUMNS = {"oracle": "unit_labels", "rouge": "unit_targets"}
+
+
+def freeze_encoder(encoder: torch.nn.Module, layers: int) -> int:
+    """Stop gradients to the embeddings and the lowest ``layers`` layers (-1: all); return
+    how many layers are frozen. Looks for the usual ``embeddings`` / ``encoder.layer``."""
+    if layers == 0:
+        return 0
+    blocks = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if blocks is None or not hasattr(encoder, "embeddings"):
+        raise RecipeError(
+            "freeze_encoder_layers: this backbone has no embeddings/encoder.layer to freeze"
+        )
+    count = len(blocks) if layers < 0 else min(layers, len(blocks))
+    if layers < 0:
+        encoder.requires_grad_(False)
+    else:
+        encoder.embeddings.requires_grad_(False)
+        for block in blocks[:count]:
+            block.requires_grad_(False)
+    return count
+
+
 def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets.Dataset], dict]:
     """Labelled train/validation(/test) splits and the empty rows skipped per split."""
     if not data_args.train_file:
@@ -250,6 +298,10 @@ def train(argv: list[str] | None = None) -> TrainResult:
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
+    if data_args.targets not in TARGET_COLUMNS:
+        raise RecipeError(
+            f"targets must be one of {list(TARGET_COLUMNS)}, got {data_args.targets!r}"
+        )
 
     # Data
     splits, skipped = load_splits(data_args, args.seed)
@@ -262,7 +314,8 @@ def train(argv: list[str] | None = None) -> TrainResult:
         raise RecipeError(f"max_length {data_args.max_length} exceeds the encoder's limit {limit}")
     labels = [x for row in splits["train"]["unit_labels"] for x in row]
     positives = max(1, sum(labels))
-    pos_weight = model_args.pos_weight or (len(labels) - positives) / positives
+    default_weight = (len(labels) - positives) / positives if data_args.targets == "oracle" else 1
+    pos_weight = model_args.pos_weight or default_weight
 
     # Model
     config = SummarizerConfig(
@@ -273,8 +326,15 @@ def train(argv: list[str] | None = None) -> TrainResult:
         context_feedforward=model_args.context_feedforward,
         dropout=model_args.dropout,
         pos_weight=round(float(pos_weight), 4),
+        loss=model_args.loss,
+        listwise_temperature=model_args.listwise_temperature,
+        position_features=model_args.position_features,
     )
-    model = ExtractiveSummarizer(config, encoder)
+    try:
+        model = ExtractiveSummarizer(config, encoder)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
+    frozen = freeze_encoder(encoder, model_args.freeze_encoder_layers)
 
     # Training
     callbacks = []
@@ -289,7 +349,10 @@ def train(argv: list[str] | None = None) -> TrainResult:
         # ``model.config``, which our dataclass config does not support; the bundle
         # saves the tokenizer instead of the checkpoints.
         data_collator=ConversationCollator(
-            tokenizer, data_args.max_length, data_args.chunk_overlap
+            tokenizer,
+            data_args.max_length,
+            data_args.chunk_overlap,
+            targets=TARGET_COLUMNS[data_args.targets],
         ),
         compute_metrics=rouge_metrics(splits["validation"], data_args.max_sentences),
         callbacks=callbacks,
@@ -330,6 +393,10 @@ def train(argv: list[str] | None = None) -> TrainResult:
         "chunk_overlap": data_args.chunk_overlap,
         "max_sentences": data_args.max_sentences,
         "oracle_units": data_args.oracle_units,
+        "targets": data_args.targets,
+        "loss": model_args.loss,
+        "position_features": model_args.position_features,
+        "frozen_encoder_layers": frozen,
         "recipe": str(recipe) if recipe else None,
         "data": {
             "train_file": data_args.train_file,

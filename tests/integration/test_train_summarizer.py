@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from models.backbone import load_backbone
 from models.bundle import load_bundle
 from models.summary_predictor import SummarizerPredictor
 from training import summarize, train_summarizer
@@ -109,3 +110,38 @@ def test_training_bad_data_exits_with_a_message(tiny_backbone, tmp_path, capsys)
     )
     assert code == 2
     assert "needs a reference summary column" in capsys.readouterr().err
+
+
+def test_training_with_graded_targets_listwise_loss_and_frozen_encoder(tiny_backbone, tmp_path):
+    result = train_summarizer.train(
+        tiny_args(
+            tiny_backbone, tmp_path / "run", "--num_train_epochs", "1",
+            "--targets", "rouge", "--loss", "listwise", "--position_features", "true",
+            "--freeze_encoder_layers", "-1",
+        )
+    )  # fmt: skip
+    training = result.report["training"]
+    assert training["targets"] == "rouge" and training["frozen_encoder_layers"] == 2
+    bundle = load_bundle(result.bundle, task="extractive-summarization")
+    assert bundle.model.config.loss == "listwise" and bundle.model.config.position_features
+    # Frozen means untouched: the saved encoder equals the backbone it started from.
+    start = load_backbone(str(tiny_backbone))[0].state_dict()
+    for name, value in bundle.model.encoder.state_dict().items():
+        torch.testing.assert_close(value, start[name])
+    [summary] = SummarizerPredictor(bundle).summarize([CONVERSATION], max_sentences=2)
+    assert sum(s["selected"] for s in summary.sentences) == 2
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        ("--targets", "best", "targets must be one of"),
+        ("--loss", "hinge", "unknown summarizer loss"),
+    ],
+)
+def test_training_rejects_unknown_targets_and_losses(
+    tiny_backbone, tmp_path, capsys, option, value, message
+):
+    code = train_summarizer.main(tiny_args(tiny_backbone, tmp_path / "out", option, value))
+    assert code == 2
+    assert message in capsys.readouterr().err

@@ -11,7 +11,12 @@ from datasets import Dataset
 from models.backbone import load_backbone
 from models.bundle import load_bundle, save_bundle
 from models.segmentation import Unit, segment
-from models.summarizer import ExtractiveSummarizer, SummarizerConfig, encode_conversations
+from models.summarizer import (
+    ExtractiveSummarizer,
+    SummarizerConfig,
+    encode_conversations,
+    relative_position_features,
+)
 from models.summary_predictor import (
     SummarizationError,
     SummarizerPredictor,
@@ -19,7 +24,9 @@ from models.summary_predictor import (
     select_units,
 )
 from training.data import DataError
-from training.summarization_data import greedy_oracle, label_units, rouge_f1
+from training.recipe import RecipeError
+from training.summarization_data import greedy_oracle, label_units, rouge_f1, unit_rouge
+from training.train_summarizer import freeze_encoder
 
 pytestmark = pytest.mark.unit
 
@@ -143,12 +150,20 @@ def test_model_pooling_weights_sum_to_one_per_unit_even_across_chunks(tiny):
     assert torch.isfinite(output.logits).all()
 
 
-def test_model_loss_ignores_padding_labels_and_trains(tiny_backbone):
+@pytest.mark.parametrize(
+    ("loss", "position_features"), [("bce", False), ("listwise", False), ("listwise", True)]
+)
+def test_model_loss_ignores_padding_labels_and_trains(tiny_backbone, loss, position_features):
     torch.manual_seed(0)
     encoder, tokenizer = load_backbone(str(tiny_backbone))
-    model = ExtractiveSummarizer(
-        SummarizerConfig(hidden_size=32, context_feedforward=64, dropout=0.0), encoder
+    config = SummarizerConfig(
+        hidden_size=32,
+        context_feedforward=64,
+        dropout=0.0,
+        loss=loss,
+        position_features=position_features,
     )
+    model = ExtractiveSummarizer(config, encoder)
     conversations = [segment(CONVERSATION), segment(long_text(3))]
     batch = encode_conversations(tokenizer, conversations, max_length=48).tensors
     labels = torch.full(batch["unit_mask"].shape, -100.0)
@@ -163,9 +178,54 @@ def test_model_loss_ignores_padding_labels_and_trains(tiny_backbone):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    # The listwise loss cannot go below the targets' entropy (two positives: log 2).
+    floor = math.log(2) if loss == "listwise" else 0.0
+    assert losses[-1] - floor < 0.5 * (losses[0] - floor)
     logits = model.eval()(**batch).logits
     assert set(logits[0, :5].topk(2).indices.tolist()) == {0, 2}
+
+
+def test_listwise_loss_prefers_the_ranking_of_graded_targets(tiny):
+    model, _ = tiny
+    listwise = ExtractiveSummarizer(
+        SummarizerConfig(hidden_size=32, loss="listwise"), model.encoder
+    )
+    targets = torch.tensor([[1.0, 0.5, 0.0, -100.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    agreeing = listwise.loss(torch.tensor([[3.0, 1.0, -1.0, 50.0]]), targets, mask)
+    reversed_ = listwise.loss(torch.tensor([[-1.0, 1.0, 3.0, 50.0]]), targets, mask)
+    assert torch.isfinite(agreeing) and agreeing < reversed_
+    # A conversation with no valid unit adds nothing (and no NaN).
+    empty = listwise.loss(torch.zeros(1, 4), torch.full((1, 4), -100.0), mask)
+    assert empty.item() == 0.0
+
+
+def test_relative_position_features_mark_first_and_last_unit_and_ignore_padding():
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    features = relative_position_features(mask)  # (B, U, 3)
+    assert features[0, :3, 0].tolist() == [0.0, 0.5, 1.0]
+    assert features[0, :, 1].tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert features[0, :, 2].tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert features[1, 0].tolist() == [0.0, 1.0, 1.0]
+    assert features[:, 3].abs().sum() == 0 and features[1, 1:].abs().sum() == 0
+
+
+def test_model_rejects_an_unknown_loss(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="unknown summarizer loss 'hinge'"):
+        ExtractiveSummarizer(SummarizerConfig(hidden_size=32, loss="hinge"), model.encoder)
+
+
+def test_freeze_encoder_stops_gradients_to_embeddings_and_lower_layers(tiny_backbone):
+    encoder, _ = load_backbone(str(tiny_backbone))
+    assert freeze_encoder(encoder, 1) == 1
+    assert not any(p.requires_grad for p in encoder.embeddings.parameters())
+    assert not any(p.requires_grad for p in encoder.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in encoder.encoder.layer[1].parameters())
+    assert freeze_encoder(encoder, -1) == len(encoder.encoder.layer)
+    assert not any(p.requires_grad for p in encoder.parameters())
+    with pytest.raises(RecipeError, match="no embeddings"):
+        freeze_encoder(torch.nn.Linear(2, 2), 1)
 
 
 # --- selection ------------------------------------------------------------------------
@@ -318,6 +378,30 @@ def test_greedy_oracle_picks_matching_units_and_stops_when_rouge_stops_improving
     assert greedy_oracle(units, reference, 3) == [0, 2]
     assert greedy_oracle(units, reference, 1) == [0]
     assert greedy_oracle(units, "completely unrelated words", 3) == []
+
+
+def test_unit_rouge_scores_the_best_unit_one_and_orders_by_overlap():
+    units = ["the parcel is stuck at the depot", "hello there", "the parcel is late"]
+    reference = "The parcel is stuck at the depot."
+    scores = unit_rouge(units, reference)
+    assert scores[0] == 1.0 and scores[1] == 0.0 and 0.0 < scores[2] < 1.0
+    assert unit_rouge(units, "completely unrelated words") == [0.0, 0.0, 0.0]
+
+
+def test_label_units_adds_graded_targets_from_the_summary_or_the_labels():
+    data = Dataset.from_dict(
+        {
+            "text": ["Customer: my parcel is late\nAgent: hello\nAgent: I will reship it", "a. b."],
+            "summary": ["The agent will reship the late parcel.", None],
+            "labels": [None, [1]],
+        }
+    )
+    labelled, _ = label_units(data)
+    targets = labelled[0]["unit_targets"]
+    assert max(targets) == 1.0 and targets[1] < min(targets[0], targets[2])
+    assert (
+        labelled[1]["unit_targets"] == [0.0, 1.0] == [float(x) for x in labelled[1]["unit_labels"]]
+    )
 
 
 def test_label_units_uses_explicit_labels_and_checks_them():
