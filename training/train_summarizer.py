@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -37,13 +36,10 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-import transformers
-from transformers import EarlyStoppingCallback, EvalPrediction, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import is_torch_bf16_gpu_available
+from transformers import EvalPrediction, Trainer, set_seed
 
 from models.backbone import DEFAULT_BACKBONE, load_backbone
-from models.bundle import BundleError, save_bundle
+from models.bundle import save_bundle
 from models.summarizer import ExtractiveSummarizer, SummarizerConfig, encode_conversations
 from models.summary_predictor import budget_size, join_units, select_units
 from training.data import DataError
@@ -54,6 +50,7 @@ from training.recipe import (
     resolved_config,
     write_yaml,
 )
+from training.run import RunArguments, early_stopping, resume_checkpoint, run_cli, versions
 from training.summarization_data import (
     label_units,
     lead_summaries,
@@ -135,41 +132,18 @@ class ModelArguments:
     )
 
 
-def _bf16_default() -> bool:
-    # bf16 autocast where the GPU supports it; CPUs train in fp32.
-    return bool(torch.cuda.is_available() and is_torch_bf16_gpu_available())
-
-
 @dataclass
-class SummarizerTrainingArguments(TrainingArguments):
-    """``TrainingArguments`` with defaults for this task, plus the run's own options."""
+class SummarizerTrainingArguments(RunArguments):
+    """``RunArguments`` with this task's defaults."""
 
     output_dir: str = field(default="runs/summarizer")
     name: str = field(default="extractive-summarizer", metadata={"help": "Bundle name."})
-    resume: bool = field(
-        default=False, metadata={"help": "Continue from the last checkpoint in output_dir."}
-    )
-    early_stopping_patience: int = field(
-        default=2, metadata={"help": "Evaluations without ROUGE-1 gain before stopping (0: off)."}
-    )
-    eval_strategy: str = field(default="epoch")
-    save_strategy: str = field(default="epoch")
-    logging_strategy: str = field(default="epoch")
-    save_total_limit: int | None = field(default=2)
-    load_best_model_at_end: bool = field(default=True)
     metric_for_best_model: str | None = field(default="rouge1")
-    greater_is_better: bool | None = field(default=True)
     learning_rate: float = field(default=5e-5)
-    warmup_steps: float = field(default=0.1)
-    weight_decay: float = field(default=0.01)
-    num_train_epochs: float = field(default=5.0)
     per_device_train_batch_size: int = field(default=8)
     per_device_eval_batch_size: int = field(default=16)
-    bf16: bool = field(default_factory=_bf16_default)
     # The collator builds tensors from the unit columns, which the model does not take.
     remove_unused_columns: bool = field(default=False)
-    # Pinned memory only helps host-to-GPU copies (and warns on CPU-only machines).
-    dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available)
 
 
 @dataclass
@@ -222,15 +196,6 @@ def rouge_metrics(dataset: datasets.Dataset, max_sentences: int):
         return rouge_f1(predicted_summaries(logits, dataset, max_sentences), dataset["summary"])
 
     return compute
-
-
-def versions() -> dict[str, str]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-    }
 
 
 @dataclass
@@ -337,9 +302,6 @@ def train(argv: list[str] | None = None) -> TrainResult:
     frozen = freeze_encoder(encoder, model_args.freeze_encoder_layers)
 
     # Training
-    callbacks = []
-    if args.load_best_model_at_end and args.early_stopping_patience > 0:
-        callbacks.append(EarlyStoppingCallback(args.early_stopping_patience))
     trainer = Trainer(
         model=model,
         args=args,
@@ -355,14 +317,9 @@ def train(argv: list[str] | None = None) -> TrainResult:
             targets=TARGET_COLUMNS[data_args.targets],
         ),
         compute_metrics=rouge_metrics(splits["validation"], data_args.max_sentences),
-        callbacks=callbacks,
+        callbacks=early_stopping(args),
     )
-    checkpoint = None
-    if args.resume:
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
-            raise RecipeError(f"--resume: no checkpoint-* directory in {output_dir}")
-        logger.info("resuming from %s", checkpoint)
+    checkpoint = resume_checkpoint(args)
     train_started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.perf_counter() - train_started
@@ -443,15 +400,7 @@ def train(argv: list[str] | None = None) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit status 2 with ``error: <message>`` for bad data, recipes or bundles."""
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        train(argv)
-    except (DataError, RecipeError, BundleError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(train, argv)
 
 
 if __name__ == "__main__":
