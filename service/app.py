@@ -144,7 +144,7 @@ async def dispatch(server: ls.LitServer, api_path: str, payload: Any, timeout: f
         )
         try:
             await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HTTPException(504, f"no answer within {timeout:g} s; try again later") from None
         response, status = server.response_buffer[uid].response
     finally:

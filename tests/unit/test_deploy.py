@@ -56,7 +56,9 @@ def test_deploy_env_vars_are_settings_the_service_reads():
     for doc in _all_documents().values():
         for container in _containers(doc):
             names |= {env["name"] for env in container.get("env", [])}
-    names |= set(re.findall(r"(SUPPORTLENS_[A-Z_]+)=", (REPO / "deploy" / "Dockerfile").read_text()))
+    names |= set(
+        re.findall(r"(SUPPORTLENS_[A-Z_]+)=", (REPO / "deploy" / "Dockerfile").read_text())
+    )
     unknown = names - SETTING_VARS - OTHER_VARS
     assert not unknown, f"variables no code reads: {sorted(unknown)}"
 
