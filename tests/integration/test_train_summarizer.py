@@ -19,15 +19,6 @@ RECIPE_DATA = "training/demo/conversations.jsonl"
 CONVERSATION = "Customer: My parcel is late.\nAgent: I will reship it today.\nCustomer: Thanks!"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices on a shared 2-core machine run far faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_args(backbone, output_dir, *extra):
     return [
         RECIPE,

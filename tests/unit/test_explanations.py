@@ -32,15 +32,6 @@ TRICKY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's ops are too small to split; two threads only add contention."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def explainer(tiny_backbone) -> Explainer:
     encoder, tokenizer = load_backbone(str(tiny_backbone))
