@@ -16,9 +16,7 @@ Any ``--key value`` not listed below is passed on to ``training.train_intent``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -26,6 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine, write_runs  # noqa: E402
 
 # Published full-data BANKING77 test accuracy (Casanueva et al. 2020 and follow-ups).
 PUBLISHED = [
@@ -35,33 +35,6 @@ PUBLISHED = [
 ]
 TARGET_ACCURACY = 92.5
 TARGET_MINUTES = 20
-
-
-def machine() -> dict[str, str | int]:
-    """CPU / GPU description and library versions for the result table."""
-    import torch
-    import transformers
-
-    cpu_model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    info: dict[str, str | int] = {
-        "cpu": cpu_model,
-        "cpu_count": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
 
 
 def render_markdown(results: dict) -> str:
@@ -187,17 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": overrides,
         "bundle": str(Path(args.output_dir) / "bundle"),
     }
-    results_dir = Path(args.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / "banking77.json"
-    results = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": {}}
-    results["runs"][kind] = run
-
-    from training.recipe import atomic_write_text
-
-    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
-    atomic_write_text(results_dir / "banking77.md", render_markdown(results))
-    print(render_markdown(results))
+    print(write_runs(args.results_dir, "banking77", kind, run, render_markdown))
     return 0
 
 

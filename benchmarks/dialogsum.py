@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.banking77 import machine  # noqa: E402
+from benchmarks.common import machine, write_runs  # noqa: E402
 
 # Measured on the whole dev.jsonl (shared data README): LEAD-3 and a 3-turn greedy oracle.
 REFERENCE = {"lead3": (28.4, 7.8, 21.5), "oracle": (43.9, 19.2, 35.5)}
@@ -269,16 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     kind = "cuda" if torch.cuda.is_available() else "cpu"
-    results_dir = Path(args.results_dir)
-    json_path = results_dir / "dialogsum.json"
-    results = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": {}}
-    results["runs"][kind] = run
-
-    from training.recipe import atomic_write_text
-
-    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
-    atomic_write_text(results_dir / "dialogsum.md", render_markdown(results))
-    print(render_markdown(results))
+    print(write_runs(args.results_dir, "dialogsum", kind, run, render_markdown))
     return 0
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import shlex
 import statistics
@@ -35,10 +34,10 @@ import captum
 import datasets
 import numpy as np
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import machine
 from models.bundle import BundleError, load_bundle
 from models.explanations import METHODS, Explainer, ExplanationError, WordScore
 
@@ -123,27 +122,6 @@ def bootstrap_ci(values: np.ndarray, seed: int, rounds: int = 1000) -> tuple[flo
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def machine() -> dict:
-    model_name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model_name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": model_name,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "captum": captum.__version__,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def time_ms(function) -> tuple[float, object]:
     start = time.perf_counter()
     result = function()
@@ -157,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    info = machine()
+    info = {**machine(), "captum": captum.__version__}
     try:
         bundle = load_bundle(args.bundle, task="intent-classification")
     except BundleError as exc:

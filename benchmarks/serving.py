@@ -23,7 +23,6 @@ import asyncio
 import csv
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -36,6 +35,8 @@ from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.common import machine  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -237,26 +238,6 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def machine() -> dict:
-    import torch
-
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.baseline_app:
@@ -366,7 +347,7 @@ def write(results: dict, out: Path) -> None:
         "",
         f"Command: `{results['command']}`",
         "",
-        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), torch {m['torch']}, Python {m['python']}; "
+        f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}, Python {m['python']}; "
         f"load average at start {m['load_average_at_start']}.",
         f"Model: {results['bundle']}. Requests: {results['texts']}.",
         "",

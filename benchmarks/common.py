@@ -1,0 +1,60 @@
+"""What every benchmark script records: the machine, and results kept per device kind."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def machine() -> dict[str, Any]:
+    """CPU / GPU description, the load at the time, and library versions for the result table."""
+    import torch
+    import transformers
+
+    cpu_model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    info: dict[str, Any] = {
+        "cpu": cpu_model,
+        "cpu_count": len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def write_runs(
+    results_dir: str | os.PathLike,
+    name: str,
+    kind: str,
+    run: dict[str, Any],
+    render: Callable[[dict[str, Any]], str],
+) -> str:
+    """Store ``run`` as the ``kind`` (cpu / cuda) run in ``<name>.json``, keeping the other
+    kinds' runs, and rewrite ``<name>.md`` from all of them; returns the Markdown."""
+    from training.recipe import atomic_write_text
+
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    json_path = results_dir / f"{name}.json"
+    results = json.loads(json_path.read_text()) if json_path.is_file() else {"runs": {}}
+    results["runs"][kind] = run
+    markdown = render(results)
+    atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
+    atomic_write_text(results_dir / f"{name}.md", markdown)
+    return markdown
