@@ -23,6 +23,7 @@ import argparse
 import json
 import random
 import shlex
+import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +37,9 @@ from benchmarks.common import machine, write_runs  # noqa: E402
 # Measured on the whole dev.jsonl (shared data README): LEAD-3 and a 3-turn greedy oracle.
 REFERENCE = {"lead3": (28.4, 7.8, 21.5), "oracle": (43.9, 19.2, 35.5)}
 TARGET_GAIN = 4.0
-BUDGETS = [{"max_sentences": k} for k in (1, 2, 3, 4)] + [{"ratio": r} for r in (0.2, 0.3, 0.4)]
+BUDGETS = [{"max_sentences": k} for k in (1, 2, 3, 4, 5, 6)] + [
+    {"ratio": r} for r in (0.2, 0.3, 0.4)
+]
 
 
 def split_rows(rows: list[dict], sizes: tuple[int, int, int], seed: int) -> dict[str, list[dict]]:
@@ -57,7 +60,7 @@ def split_rows(rows: list[dict], sizes: tuple[int, int, int], seed: int) -> dict
 
 def budget_name(budget: dict) -> str:
     return (
-        f"{budget['max_sentences']} turns"
+        f"{budget['max_sentences']} unit{'s' if budget['max_sentences'] != 1 else ''}"
         if "max_sentences" in budget
         else f"ratio {budget['ratio']}"
     )
@@ -85,8 +88,9 @@ def score_budgets(predictor, texts: list[str], references: list[str]) -> list[di
 def describe_training(training: dict) -> str:
     """One line on how the model was trained, from the run's report."""
     targets = {
-        "oracle": "0/1 labels from a greedy 3-turn ROUGE oracle",
-        "rouge": "each turn's own ROUGE against the reference",
+        "oracle": f"0/1 labels from a greedy ROUGE oracle of up to "
+        f"{training.get('oracle_units', 3)} units",
+        "rouge": "each unit's own ROUGE against the reference",
     }
     frozen = training.get("frozen_encoder_layers", 0)
     parts = [
@@ -108,7 +112,8 @@ def render_markdown(results: dict) -> str:
         "with a fixed seed into train / validation / test; the model is trained on train, "
         "early-stopped and its summary budget chosen on validation, and every row below is "
         "scored on the test split in the same run. ROUGE F1 ×100 (rouge-score, stemming on); "
-        "summaries are whole turns written `#PersonN#: text`.",
+        "every unit of a summary is written `#PersonN#: text`. LEAD-k and the oracle pick whole "
+        "turns; the model picks the units it was trained on (turns, or sentences within turns).",
         "",
     ]
     for kind, run in results["runs"].items():
@@ -124,8 +129,14 @@ def render_markdown(results: dict) -> str:
             "| system (test split) | ROUGE-1 | ROUGE-2 | ROUGE-L |",
             "|---|---:|---:|---:|",
         ]
+        seeds = run.get("seeds", [])
+        model_row = (
+            f"model (mean of {len(seeds)} training seeds, budget chosen on validation)"
+            if len(seeds) > 1
+            else f"model ({budget_name(run['budget'])}, chosen on validation)"
+        )
         for name, key in (
-            (f"model ({budget_name(run['budget'])}, chosen on validation)", "model"),
+            (model_row, "model"),
             ("LEAD-2", "lead2"),
             ("LEAD-3", "lead3"),
             ("greedy oracle (up to 3 turns)", "oracle"),
@@ -138,12 +149,28 @@ def render_markdown(results: dict) -> str:
             f"- ROUGE-1 gain over LEAD-3: **{gain:+.2f}** points (target: +{TARGET_GAIN:.0f}; "
             + ("met" if gain >= TARGET_GAIN else "**not met**")
             + ").",
-            f"- training: {describe_training(run.get('training', {}))}.",
-            f"- training time: {run['train_time_s']:.0f} s ({run['epochs']} epochs, "
+            *(
+                [
+                    "- model by training seed (test ROUGE-1/2/L, budget chosen on validation): "
+                    + "; ".join(
+                        f"seed {r['seed']}: {r['test']['rouge1']:.2f}/{r['test']['rouge2']:.2f}/"
+                        f"{r['test']['rougeL']:.2f} ({budget_name(r['budget'])})"
+                        for r in seeds
+                    )
+                    + "."
+                ]
+                if len(seeds) > 1
+                else []
+            ),
+            f"- units: {run.get('training', {}).get('units', 'turns')}; training: "
+            f"{describe_training(run.get('training', {}))}.",
+            f"- training time{' (mean per seed)' if len(seeds) > 1 else ''}: {run['train_time_s']:.0f} s ({run['epochs']} epochs, "
             f"{run['global_step']} steps); inference: {run['summaries_per_s']:.1f} summaries/s "
             f"(batches of {run['inference_batch_size']}, {run['test_size']} test dialogues, "
             "segmentation and selection included).",
-            "- validation ROUGE by budget (model): "
+            "- validation ROUGE by budget (model"
+            + (f", seed {seeds[0]['seed']}" if len(seeds) > 1 else "")
+            + "): "
             + ", ".join(
                 f"{budget_name(r['budget'])} {r['rouge1']:.1f}/{r['rouge2']:.1f}/{r['rougeL']:.1f}"
                 for r in run["validation_budgets"]
@@ -172,6 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="350,50,100", help="train,validation,test sizes")
     parser.add_argument("--split_seed", type=int, default=0)
     parser.add_argument("--inference_batch_size", type=int, default=16)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="train one model per seed and report the mean (default: the recipe's seed)",
+    )
     args, overrides = parser.parse_known_args(argv)
 
     from datasets import Dataset
@@ -189,41 +222,56 @@ def main(argv: list[str] | None = None) -> int:
     sizes = tuple(int(x) for x in args.split.split(","))
     splits = split_rows(rows, sizes, args.split_seed)
 
+    text_column = "dialogue"
+    test_texts = [r[text_column] for r in splits["test"]]
+    test_refs = [r["summary"] for r in splits["test"]]
+    seed_runs = []
     with tempfile.TemporaryDirectory(prefix="dialogsum-split-") as tmp:
         files = {}
         for name, part in splits.items():
             files[name] = Path(tmp) / f"{name}.jsonl"
             files[name].write_text("".join(json.dumps(r) + "\n" for r in part))
-        result = train(
-            [
-                args.recipe,
-                "--train_file", str(files["train"]),
-                "--validation_file", str(files["validation"]),
-                "--test_file", str(files["test"]),
-                "--output_dir", args.output_dir,
-                *overrides,
-            ]
-        )  # fmt: skip
+        for seed in args.seeds or [None]:
+            output_dir = args.output_dir if seed is None else f"{args.output_dir}/seed-{seed}"
+            result = train(
+                [
+                    args.recipe,
+                    "--train_file", str(files["train"]),
+                    "--validation_file", str(files["validation"]),
+                    "--test_file", str(files["test"]),
+                    "--output_dir", output_dir,
+                    *overrides,
+                    *(["--seed", str(seed)] if seed is not None else []),
+                ]
+            )  # fmt: skip
+            predictor = SummarizerPredictor(load_bundle(result.bundle))
+            validation_budgets = score_budgets(
+                predictor,
+                [r[text_column] for r in splits["validation"]],
+                [r["summary"] for r in splits["validation"]],
+            )
+            best = max(validation_budgets, key=lambda r: (r["rouge1"], r["rouge2"]))["budget"]
+            started = time.perf_counter()
+            summaries = []
+            for i in range(0, len(test_texts), args.inference_batch_size):
+                batch = test_texts[i : i + args.inference_batch_size]
+                summaries += [r.summary for r in predictor.summarize(batch, **best)]
+            inference_s = time.perf_counter() - started
+            seed_runs.append(
+                {
+                    "seed": result.report["training"].get("seed", seed),
+                    "budget": best,
+                    "validation_budgets": validation_budgets,
+                    "test": rouge_f1(summaries, test_refs),
+                    "train_time_s": result.train_time_s,
+                    "epochs": result.report["training"]["epochs"],
+                    "global_step": result.report["training"]["global_step"],
+                    "summaries_per_s": len(test_texts) / inference_s,
+                }
+            )
+            print(f"seed {seed}: {seed_runs[-1]['test']} ({budget_name(best)})", flush=True)
 
     import torch
-
-    predictor = SummarizerPredictor(load_bundle(result.bundle))
-    text_column = "dialogue"
-    validation_budgets = score_budgets(
-        predictor,
-        [r[text_column] for r in splits["validation"]],
-        [r["summary"] for r in splits["validation"]],
-    )
-    best = max(validation_budgets, key=lambda r: (r["rouge1"], r["rouge2"]))["budget"]
-
-    test_texts = [r[text_column] for r in splits["test"]]
-    test_refs = [r["summary"] for r in splits["test"]]
-    started = time.perf_counter()
-    summaries = []
-    for i in range(0, len(test_texts), args.inference_batch_size):
-        batch = test_texts[i : i + args.inference_batch_size]
-        summaries += [r.summary for r in predictor.summarize(batch, **best)]
-    inference_s = time.perf_counter() - started
 
     def labelled(part: list[dict]) -> Dataset:
         dataset = Dataset.from_dict(
@@ -237,12 +285,18 @@ def main(argv: list[str] | None = None) -> int:
 
     test_labelled = labelled(splits["test"])
     whole = labelled(rows)
+    first = seed_runs[0]
     run = {
         "split": {"seed": args.split_seed, **{k: len(v) for k, v in splits.items()}},
-        "budget": best,
-        "validation_budgets": validation_budgets,
+        "budget": first["budget"],
+        "validation_budgets": first["validation_budgets"],
+        "seeds": seed_runs,
         "test": {
-            "model": rouge_f1(summaries, test_refs),
+            # The mean over the training seeds (one seed: that run).
+            "model": {
+                key: round(statistics.mean(r["test"][key] for r in seed_runs), 2)
+                for key in first["test"]
+            },
             "lead2": rouge_f1(lead_summaries(test_labelled, 2), test_labelled["summary"]),
             "lead3": rouge_f1(lead_summaries(test_labelled, 3), test_labelled["summary"]),
             "oracle": rouge_f1(oracle_summaries(test_labelled, 3), test_labelled["summary"]),
@@ -251,10 +305,10 @@ def main(argv: list[str] | None = None) -> int:
             "lead3": rouge_f1(lead_summaries(whole, 3), whole["summary"]),
             "oracle": rouge_f1(oracle_summaries(whole, 3), whole["summary"]),
         },
-        "train_time_s": result.train_time_s,
-        "epochs": result.report["training"]["epochs"],
-        "global_step": result.report["training"]["global_step"],
-        "summaries_per_s": len(test_texts) / inference_s,
+        "train_time_s": statistics.mean(r["train_time_s"] for r in seed_runs),
+        "epochs": first["epochs"],
+        "global_step": first["global_step"],
+        "summaries_per_s": statistics.mean(r["summaries_per_s"] for r in seed_runs),
         "inference_batch_size": args.inference_batch_size,
         "test_size": len(test_texts),
         "machine": machine(),
@@ -265,7 +319,14 @@ def main(argv: list[str] | None = None) -> int:
         "overrides": overrides,
         "training": {
             key: result.report["training"].get(key)
-            for key in ("targets", "loss", "position_features", "frozen_encoder_layers")
+            for key in (
+                "units",
+                "oracle_units",
+                "targets",
+                "loss",
+                "position_features",
+                "frozen_encoder_layers",
+            )
         },
     }
     kind = "cuda" if torch.cuda.is_available() else "cpu"

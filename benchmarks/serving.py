@@ -3,17 +3,21 @@
 A bounded load generator (fixed request count and a time cap per cell) on loopback
 sends one BANKING77 test message per request at concurrency 1, 8 and 32 to
 
-(a) the raw model in-process: tokenize + batched forward + top-k, batches of the
-    concurrency (the limit on this machine: no HTTP, no queues);
+(a) the raw model: tokenize + batched forward + top-k with no HTTP and no queues, as
+    one process using every core and as one single-threaded process per core
+    (batches split between them); the faster of the two is the limit on this machine;
 (b) this server (``python -m service.server``), with and without ``attention``,
     plus the latency of ``integrated_gradients``;
-(c) the baseline a user would otherwise write: the same model behind FastAPI/uvicorn,
-    one forward pass per request.
+(c) the baseline a user would otherwise write: the same model wrapped in a Hugging Face
+    ``Pipeline`` behind FastAPI/uvicorn, one forward pass per request.
 
 Everything runs in one go, side by side, and writes ``benchmarks/results/serving.md``
-and ``.json`` with the machine description and the command.
+and ``.json`` with the machine description and the command, kept per device kind (a
+GPU run adds a section next to the CPU one). The server runs with its default
+settings, so the figures are what ``make serve`` gives on the same machine.
 
-    flock /tmp/supportlens-heavy.lock python benchmarks/serving.py --bundle runs/demo-intent/bundle
+    python benchmarks/serving.py --bundle runs/banking77/bundle
+    python benchmarks/serving.py --random-init --api-servers 2   # no trained bundle at hand
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from pydantic import BaseModel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import machine, write_runs  # noqa: E402
+from service.config import Settings, available_cores  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,10 +56,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--data", default="../shared/data/banking77/test.csv")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, default=300, help="requests per cell")
+    parser.add_argument("--requests", type=int, default=1000, help="requests per cell and round")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds; each cell reports its median round"
+    )
     parser.add_argument("--time-cap", type=float, default=20.0, help="seconds per cell at most")
     parser.add_argument("--ig-requests", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--threads", type=int, default=available_cores(), help="cores to use (default: all)"
+    )
+    parser.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="where models run"
+    )
+    parser.add_argument(
+        "--api-servers",
+        type=int,
+        default=1,
+        help="HTTP processes of the server (SUPPORTLENS_API_SERVERS)",
+    )
     parser.add_argument("--out", default="benchmarks/results/serving")
     parser.add_argument("--baseline-app", help=argparse.SUPPRESS)  # internal: run the baseline
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -104,22 +123,54 @@ class BaselineBody(BaseModel):
     top_k: int = 3
 
 
-def run_baseline_app(bundle: str, port: int, threads: int) -> None:
+def intent_pipeline(bundle_dir: str, device: str):
+    """Our classifier as a Hugging Face ``Pipeline``: what the transformers docs suggest
+    for a custom model (tokenize -> forward -> softmax/top-k, one call per input)."""
+    import torch
+    from transformers import Pipeline
+
+    from models.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir, task="intent-classification", device=device)
+    max_length = int(bundle.training.get("max_length", 128))
+
+    class IntentPipeline(Pipeline):
+        def _sanitize_parameters(self, top_k=None, **kwargs):
+            return {}, {}, ({"top_k": top_k} if top_k else {})
+
+        def preprocess(self, text):
+            return self.tokenizer(text, truncation=True, max_length=max_length, return_tensors="pt")
+
+        def _forward(self, inputs):
+            output = self.model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+            )
+            return {"logits": output.logits}
+
+        def postprocess(self, outputs, top_k=3):
+            probs = outputs["logits"][0].float().softmax(-1)
+            values, indices = probs.topk(top_k)
+            return [
+                {"label": bundle.labels[i], "score": v}
+                for v, i in zip(values.tolist(), indices.tolist(), strict=True)
+            ]
+
+    bundle.model.device = torch.device(device)  # Pipeline reads it; our module has none
+    return IntentPipeline(model=bundle.model, tokenizer=bundle.tokenizer, device=device)
+
+
+def run_baseline_app(bundle: str, port: int, threads: int, device: str) -> None:
     import torch
     import uvicorn
     from fastapi import FastAPI
 
-    from models.bundle import load_bundle
-    from models.predictor import IntentPredictor
-
     torch.set_num_threads(threads)
-    predictor = IntentPredictor(load_bundle(bundle, task="intent-classification"))
+    pipe = intent_pipeline(bundle, device)
     app = FastAPI()
 
     @app.post("/v1/classify")
     def classify(body: BaselineBody) -> dict:  # sync: FastAPI runs it in its thread pool
-        predictions = predictor.predict(body.texts, top_k=body.top_k)
-        return {"results": [p.__dict__ for p in predictions]}
+        return {"results": [{"top_k": pipe(text, top_k=body.top_k)} for text in body.texts]}
 
     @app.get("/health")
     def health() -> str:
@@ -149,57 +200,117 @@ def summarize(latencies: list[float], elapsed: float, errors: int) -> dict:
     }
 
 
-async def load(url: str, texts: list[str], concurrency: int, total: int, cap: float, explain):
-    import httpx
+async def post_json(reader, writer, path: str, body: bytes) -> int:
+    """One HTTP/1.1 keep-alive POST on an open connection; returns the status code."""
+    writer.write(
+        b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body)) + body
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
 
+
+async def load(url: str, texts: list[str], concurrency: int, total: int, cap: float, explain):
+    """``concurrency`` closed-loop clients on keep-alive connections, ``total`` requests.
+
+    A minimal HTTP/1.1 client on asyncio streams rather than httpx: on a 2-core machine
+    httpx spent about a third of a core at 100 req/s, CPU taken from the server under
+    test; this client needs a few percent.
+    """
+    host, _, rest = url.removeprefix("http://").partition(":")
+    port, _, path = rest.partition("/")
     latencies: list[float] = []
     errors = 0
     next_index = 0
     deadline = time.perf_counter() + cap
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as client:
 
-        async def user():
-            nonlocal next_index, errors
+    async def user():
+        nonlocal next_index, errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
             while next_index < total and time.perf_counter() < deadline:
-                text = texts[next_index % len(texts)]
+                body = {"texts": [texts[next_index % len(texts)]], "top_k": 3}
                 next_index += 1
-                body = {"texts": [text], "top_k": 3}
                 if explain:
                     body["explain"] = explain
                 started = time.perf_counter()
-                response = await client.post(url, json=body)
-                if response.status_code == 200:
+                status = await post_json(reader, writer, "/" + path, json.dumps(body).encode())
+                if status == 200:
                     latencies.append(time.perf_counter() - started)
                 else:
                     errors += 1
+        finally:
+            writer.close()
 
-        started = time.perf_counter()
-        await asyncio.gather(*(user() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return summarize(latencies, elapsed, errors)
+    started = time.perf_counter()
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return summarize(latencies, time.perf_counter() - started, errors)
 
 
-def raw_limit(bundle: str, texts: list[str], batch: int, total: int, cap: float, threads: int):
+def _raw_process(bundle, texts, batch, total, cap, threads, device, barrier, results, rank):
     import torch
 
     from models.bundle import load_bundle
     from models.predictor import IntentPredictor
 
     torch.set_num_threads(threads)
-    predictor = IntentPredictor(load_bundle(bundle, task="intent-classification"))
+    predictor = IntentPredictor(load_bundle(bundle, task="intent-classification", device=device))
     predictor.predict(texts[:batch])  # warm-up
+    barrier.wait()
     latencies = []
     done = 0
+    offset = rank * 997  # each process its own messages
     started = time.perf_counter()
     while done < total and time.perf_counter() - started < cap:
-        chunk = texts[done % len(texts) : done % len(texts) + batch]
+        first = (offset + done) % len(texts)
+        chunk = texts[first : first + batch]
         t0 = time.perf_counter()
         predictor.predict(chunk)
         # Every request of the batch waits for the whole batch.
         latencies += [time.perf_counter() - t0] * len(chunk)
         done += len(chunk)
-    return summarize(latencies, time.perf_counter() - started, 0)
+    results.put((latencies, time.perf_counter() - started))
+
+
+def raw_limit(bundle, texts, concurrency, total, cap, threads, device, processes=1):
+    """The model alone: ``processes`` processes with ``threads // processes`` torch threads
+    each, sharing ``total`` requests in batches that add up to ``concurrency``."""
+    import multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    barrier = context.Barrier(processes)
+    results = context.Queue()
+    workers = [
+        context.Process(
+            target=_raw_process,
+            args=(
+                bundle,
+                texts,
+                max(1, concurrency // processes),
+                max(1, total // processes),
+                cap,
+                max(1, threads // processes),
+                device,
+                barrier,
+                results,
+                rank,
+            ),
+        )
+        for rank in range(processes)
+    ]
+    for worker in workers:
+        worker.start()
+    parts = [results.get(timeout=600) for _ in workers]
+    for worker in workers:
+        worker.join()
+    latencies = [x for part, _ in parts for x in part]
+    return summarize(latencies, max(elapsed for _, elapsed in parts), 0)
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
@@ -229,6 +340,21 @@ def start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
     )
 
 
+def pause(process: subprocess.Popen) -> None:
+    """Freeze a started server and all its processes (they share its process group)."""
+    os.killpg(process.pid, signal.SIGSTOP)
+
+
+def resume(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGCONT)
+
+
+def median_cell(rounds: list[dict]) -> dict:
+    """The round with the median throughput (its latencies with it), plus every round's."""
+    ordered = sorted(rounds, key=lambda cell: cell["rps"])
+    return {**ordered[(len(ordered) - 1) // 2], "rps_by_round": [cell["rps"] for cell in rounds]}
+
+
 def stop(process: subprocess.Popen) -> None:
     process.send_signal(signal.SIGTERM)
     try:
@@ -238,10 +364,30 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
+def recorded_args(argv: list[str] | None) -> list[str]:
+    """The command-line arguments that change what is measured (``--out`` does not)."""
+    given = list(argv if argv is not None else sys.argv[1:])
+    kept = []
+    skip = False
+    for arg in given:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.baseline_app:
-        run_baseline_app(args.baseline_app, args.port, args.threads)
+        run_baseline_app(args.baseline_app, args.port, args.threads, device)
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -255,52 +401,47 @@ def main(argv=None) -> int:
             raise SystemExit(
                 f"serving benchmark: no intent bundle at {bundle} (train one, or pass --random-init)"
             )
-    results: dict = {
+    server_env = {
+        "SUPPORTLENS_INTENT_BUNDLE": bundle,
+        "SUPPORTLENS_SUMMARIZER_BUNDLE": "none",
+        "SUPPORTLENS_DEVICE": device,
+        "SUPPORTLENS_API_SERVERS": str(args.api_servers),
+        "SUPPORTLENS_LOG_LEVEL": "warning",
+    }
+    settings = Settings.from_env(server_env)
+    workers = settings.classify_workers()
+    run: dict = {
         "machine": machine(),
-        "command": " ".join(
-            ["python benchmarks/serving.py", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "device": device,
+        "command": " ".join(["python benchmarks/serving.py", *recorded_args(argv)]),
         "bundle": "untrained all-MiniLM-L6-v2 (77 intents)" if args.random_init else bundle,
         "texts": f"{args.data} (first {len(texts)} messages, one per request)",
+        "server": {
+            "classify_workers": workers,
+            "torch_threads_per_worker": settings.threads_per_worker(workers),
+            "api_servers": args.api_servers,
+            "max_batch_size": settings.max_batch_size,
+            "batch_timeout_s": settings.batch_timeout,
+        },
+        "rounds": args.rounds,
+        "requests_per_cell": args.requests,
         "cells": {},
     }
-    cells = results["cells"]
+    cells = run["cells"]
 
-    for c in args.concurrency:
-        cells[f"raw c={c}"] = raw_limit(
-            bundle, texts, c, args.requests, args.time_cap, args.threads
-        )
-        print(f"raw batch={c}: {cells[f'raw c={c}']}", flush=True)
+    # One process with every core, and (on CPU) one single-threaded process per core.
+    layouts = [1] if device == "cuda" or args.threads == 1 else [1, args.threads]
+    samples: dict[str, list[dict]] = {}
 
-    port = free_port()
+    def measure(name: str, cell) -> None:
+        samples.setdefault(name, []).append(cell)
+        print(f"{name}: {cell}", flush=True)
+
+    server_port, baseline_port = free_port(), free_port()
     server = start(
         [sys.executable, "-m", "service.server"],
-        {
-            "SUPPORTLENS_INTENT_BUNDLE": bundle,
-            "SUPPORTLENS_SUMMARIZER_BUNDLE": "none",
-            "SUPPORTLENS_PORT": str(port),
-            "SUPPORTLENS_TORCH_THREADS": str(args.threads),
-            "SUPPORTLENS_LOG_LEVEL": "warning",
-        },
+        {**server_env, "SUPPORTLENS_PORT": str(server_port)},
     )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, server)
-        for explain, name in (([], "server"), (["attention"], "server+attention")):
-            for c in args.concurrency:
-                asyncio.run(load(url + "/v1/classify", texts, c, 32, 10, explain))  # warm-up
-                cells[f"{name} c={c}"] = asyncio.run(
-                    load(url + "/v1/classify", texts, c, args.requests, args.time_cap, explain)
-                )
-                print(f"{name} c={c}: {cells[f'{name} c={c}']}", flush=True)
-        cells["server+integrated_gradients c=1"] = asyncio.run(
-            load(url + "/v1/classify", texts, 1, args.ig_requests, 120, ["integrated_gradients"])
-        )
-        print(f"ig: {cells['server+integrated_gradients c=1']}", flush=True)
-    finally:
-        stop(server)
-
-    port = free_port()
     baseline = start(
         [
             sys.executable,
@@ -308,70 +449,143 @@ def main(argv=None) -> int:
             "--baseline-app",
             bundle,
             "--port",
-            str(port),
+            str(baseline_port),
             "--threads",
             str(args.threads),
+            "--device",
+            device,
         ],
         {},
     )
-    url = f"http://127.0.0.1:{port}"
+    server_url = f"http://127.0.0.1:{server_port}/v1/classify"
+    baseline_url = f"http://127.0.0.1:{baseline_port}/v1/classify"
     try:
-        wait_ready(url, baseline)
-        for c in args.concurrency:
-            asyncio.run(load(url + "/v1/classify", texts, c, 32, 10, []))  # warm-up
-            cells[f"baseline c={c}"] = asyncio.run(
-                load(url + "/v1/classify", texts, c, args.requests, args.time_cap, [])
-            )
-            print(f"baseline c={c}: {cells[f'baseline c={c}']}", flush=True)
+        wait_ready(f"http://127.0.0.1:{server_port}", server)
+        wait_ready(f"http://127.0.0.1:{baseline_port}", baseline)
+        # The machine is noisy: the setups take turns, round after round, and each cell
+        # reports its median round. Whatever is not being measured is paused (SIGSTOP to
+        # its process group), so idle servers take no CPU from the one under test.
+        pause(server)
+        pause(baseline)
+        for round_ in range(args.rounds):
+            print(f"-- round {round_ + 1} of {args.rounds}", flush=True)
+            for c in args.concurrency:
+                for processes in (p for p in layouts if p <= c):
+                    threads = max(1, args.threads // processes)
+                    name = (
+                        "raw (GPU)" if device == "cuda" else f"raw ({processes}x{threads} threads)"
+                    )
+                    measure(
+                        f"{name} c={c}",
+                        raw_limit(
+                            bundle, texts, c, args.requests, args.time_cap, args.threads, device,
+                            processes,
+                        ),
+                    )  # fmt: skip
+            resume(server)
+            for explain, name in (([], "server"), (["attention"], "server+attention")):
+                for c in args.concurrency:
+                    asyncio.run(load(server_url, texts, c, 32, 10, explain))  # warm-up
+                    measure(
+                        f"{name} c={c}",
+                        asyncio.run(
+                            load(server_url, texts, c, args.requests, args.time_cap, explain)
+                        ),
+                    )
+            if round_ == 0:
+                measure(
+                    "server+integrated_gradients c=1",
+                    asyncio.run(
+                        load(server_url, texts, 1, args.ig_requests, 120, ["integrated_gradients"])
+                    ),
+                )
+            pause(server)
+            resume(baseline)
+            for c in args.concurrency:
+                asyncio.run(load(baseline_url, texts, c, 32, 10, []))  # warm-up
+                measure(
+                    f"baseline c={c}",
+                    asyncio.run(load(baseline_url, texts, c, args.requests, args.time_cap, [])),
+                )
+            pause(baseline)
     finally:
-        stop(baseline)
+        for process in (server, baseline):
+            resume(process)
+            stop(process)
+    for name, rounds in samples.items():
+        cells[name] = median_cell(rounds)
 
-    top = max(args.concurrency)
-    ratio = lambda a, b: round(cells[a]["rps"] / cells[b]["rps"], 2) if cells[b]["rps"] else None  # noqa: E731
-    results["summary"] = {
-        f"server / raw at c={top}": ratio(f"server c={top}", f"raw c={top}"),
-        f"server / baseline at c={top}": ratio(f"server c={top}", f"baseline c={top}"),
-        f"attention throughput cost at c={top}": round(
-            1 - cells[f"server+attention c={top}"]["rps"] / cells[f"server c={top}"]["rps"], 3
-        ),
-    }
-    write(results, Path(args.out))
+    run["summary"] = summarize_run(cells, max(args.concurrency))
+    print(write_runs(Path(args.out).parent, Path(args.out).name, device, run, render_markdown))
     return 0
 
 
-def write(results: dict, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    m = results["machine"]
+def summarize_run(cells: dict[str, dict], top: int) -> dict[str, object]:
+    """The figures the targets are about, at the highest concurrency ``top``."""
+    rps = lambda name: cells[name]["rps"]  # noqa: E731
+    raws = [name for name in cells if name.startswith("raw") and name.endswith(f" c={top}")]
+    fastest = max(raws, key=rps)
+    # One process using every core: the raw batched forward pass in-process.
+    in_process = next(n for n in raws if n.startswith(("raw (1x", "raw (GPU)")))
+    server = f"server c={top}"
+    return {
+        f"fastest raw layout at c={top}": fastest.removesuffix(f" c={top}"),
+        f"server / raw in one process at c={top}": round(rps(server) / rps(in_process), 2),
+        f"server / fastest raw layout at c={top}": round(rps(server) / rps(fastest), 2),
+        f"server / baseline at c={top}": round(rps(server) / rps(f"baseline c={top}"), 2),
+        f"attention throughput cost at c={top}": round(
+            1 - rps(f"server+attention c={top}") / rps(server), 3
+        ),
+    }
+
+
+def render_markdown(results: dict) -> str:
+    """The committed result table: one section per device kind measured."""
     lines = [
         "# Serving benchmark",
         "",
-        f"Command: `{results['command']}`",
-        "",
-        f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}, Python {m['python']}; "
-        f"load average at start {m['load_average_at_start']}.",
-        f"Model: {results['bundle']}. Requests: {results['texts']}.",
-        "",
-        "| setup | concurrency | requests | errors | req/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "A bounded closed-loop load generator on loopback (one BANKING77 test message per "
+        "request, keep-alive connections) against (a) the raw model with no HTTP, as one "
+        "process using every core and as one single-threaded process per core, the faster "
+        "being the limit; (b) this server with its default settings; (c) the same model as a "
+        "Hugging Face `Pipeline` behind FastAPI/uvicorn, one forward pass per request. All "
+        "cells of a section come from one run in which the setups took turns, round after "
+        "round, with the setups not being measured paused; each cell shows its median round.",
     ]
-    for name, cell in results["cells"].items():
-        setup, _, c = name.rpartition(" c=")
-        lines.append(
-            f"| {setup} | {c} | {cell['requests']} | {cell['errors']} | {cell['rps']} | "
-            f"{cell['p50_ms']} | {cell['p99_ms']} |"
-        )
-    lines += ["", "| figure | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in results["summary"].items()]
+    for kind, run in sorted(results["runs"].items()):
+        m = run["machine"]
+        hardware = m.get("gpu") or f"{m['cpu_count']} CPU cores"
+        server = run["server"]
+        lines += [
+            "",
+            f"## {kind} ({hardware})",
+            "",
+            f"Command: `{run['command']}`",
+            "",
+            f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}, "
+            f"Python {m['python']}; load average at start {m['load_average_at_start']}. "
+            f"Model: {run['bundle']}. Requests: {run['texts']}. Server: "
+            f"{server['classify_workers']} classify worker(s) x {server['torch_threads_per_worker']} "
+            f"torch thread(s), {server['api_servers']} HTTP process(es), batches of up to "
+            f"{server['max_batch_size']} gathered for {server['batch_timeout_s'] * 1000:g} ms. "
+            f"Rounds: {run.get('rounds', 1)}, up to {run.get('requests_per_cell', 'n/a')} "
+            "requests per cell and round.",
+            "",
+            *([run["note"], ""] if run.get("note") else []),
+            "| setup | concurrency | requests | errors | req/s (median round) | req/s by round | p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, cell in run["cells"].items():
+            setup, _, c = name.rpartition(" c=")
+            rounds = " / ".join(str(x) for x in cell.get("rps_by_round", [cell["rps"]]))
+            lines.append(
+                f"| {setup} | {c} | {cell['requests']} | {cell['errors']} | {cell['rps']} | "
+                f"{rounds} | {cell['p50_ms']} | {cell['p99_ms']} |"
+            )
+        lines += ["", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in run["summary"].items()]
     lines.append("")
-    for suffix, text in (
-        (".md", "\n".join(lines)),
-        (".json", json.dumps(results, indent=2) + "\n"),
-    ):
-        target = out.with_suffix(suffix)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(target)
-    print("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

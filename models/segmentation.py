@@ -5,6 +5,9 @@ A text with speaker markers at line starts (``Customer:``, ``Agent:``,
 the next marker and may span several lines. Any other text is split into
 sentences (Latin, CJK and Arabic end-of-sentence punctuation, and line breaks).
 
+With ``units="sentences"`` each turn is further split into its sentences, which keep
+the turn's speaker: finer units that a summary can pick without the rest of a long turn.
+
 Every unit's ``text`` equals ``original[start:end]``: the marker itself is not part
 of a turn's text (it is kept in ``speaker``), and surrounding whitespace is trimmed.
 """
@@ -93,22 +96,34 @@ def _speaker_markers(text: str) -> list[re.Match[str]]:
     return []
 
 
-def segment(text: str) -> list[Unit]:
+UNIT_KINDS = ("turns", "sentences")
+
+
+def segment(text: str, units: str = "turns") -> list[Unit]:
     """Split ``text`` into speaker turns if it has speaker markers, else into sentences.
 
-    Text before the first marker (e.g. a ticket subject) becomes sentence units with no
-    speaker. A turn with a marker but no words after it is dropped (nothing to show).
-    An empty or whitespace-only text gives an empty list.
+    With ``units="sentences"`` turns are split into sentences too (each keeps its
+    turn's speaker). Text before the first marker (e.g. a ticket subject) becomes
+    sentence units with no speaker. A turn with a marker but no words after it is
+    dropped (nothing to show). An empty or whitespace-only text gives an empty list.
     """
     if not isinstance(text, str):
         raise TypeError(f"segment() needs a str, got {type(text).__name__}")
+    if units not in UNIT_KINDS:
+        raise ValueError(f"units must be one of {UNIT_KINDS}, got {units!r}")
     markers = _speaker_markers(text)
     if not markers:
         return split_sentences(text)
-    units = split_sentences(text, 0, markers[0].start())
+    found = split_sentences(text, 0, markers[0].start())
     for index, marker in enumerate(markers):
         end = markers[index + 1].start() if index + 1 < len(markers) else len(text)
-        unit = _trimmed(text, marker.end(), end, speaker=marker["speaker"].strip())
+        speaker = marker["speaker"].strip()
+        if units == "sentences":
+            for sentence in split_sentences(text, marker.end(), end):
+                sentence.speaker = speaker
+                found.append(sentence)
+            continue
+        unit = _trimmed(text, marker.end(), end, speaker=speaker)
         if unit is not None:
-            units.append(unit)
-    return units
+            found.append(unit)
+    return found

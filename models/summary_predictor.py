@@ -129,6 +129,8 @@ class SummarizerPredictor:
         self.chunk_overlap = min(
             int(bundle.training.get("chunk_overlap", 64)), (self.max_length - 2) // 2
         )
+        # Inference splits conversations into the units the model was trained on.
+        self.units = str(bundle.training.get("units", "turns"))
 
     @property
     def device(self) -> torch.device:
@@ -142,7 +144,7 @@ class SummarizerPredictor:
                 raise SummarizationError(
                     f"conversation {index} is not text ({type(text).__name__})"
                 )
-            units = segment(text)
+            units = segment(text, self.units)
             if not units:
                 raise SummarizationError(
                     f"conversation {index} is empty: it has no sentence or turn to summarize"

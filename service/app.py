@@ -83,6 +83,17 @@ class SupportLensServer(ls.LitServer):
         self._shutdown_done = False
         self.uvicorn_processes: dict = {}
 
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        # Requests reach the workers through plain multiprocessing queues (a pipe each,
+        # written by a feeder thread) instead of LitServe's manager queues: a manager
+        # queue's put is a blocking round trip to the manager process, made inside the
+        # HTTP process's event loop, and the manager has to serve every put and get.
+        context = mp.get_context("spawn")
+        for path in self.litapi_request_queues:
+            self.litapi_request_queues[path] = context.Queue()
+        return manager
+
     def _start_server(self, *args, **kwargs):
         self.uvicorn_processes = super()._start_server(*args, **kwargs)
         return self.uvicorn_processes
@@ -234,7 +245,7 @@ def build_server(settings: Settings) -> SupportLensServer:
     }
     server = SupportLensServer(
         apis,
-        accelerator="cpu",
+        accelerator=settings.accelerator(),
         workers_per_device=workers,
         timeout=settings.queue_timeout,
         middlewares=middlewares,

@@ -63,7 +63,7 @@ class ClassifyAPI(ls.LitAPI):
 
     @property
     def workers(self) -> int:
-        return self.settings.explain_workers if self.expensive else self.settings.workers
+        return self.settings.explain_workers if self.expensive else self.settings.classify_workers()
 
     def setup(self, device: str) -> None:
         from models.bundle import load_bundle
@@ -72,7 +72,7 @@ class ClassifyAPI(ls.LitAPI):
         from service import metrics
 
         set_worker_threads(self.settings.threads_per_worker(self.workers))
-        bundle = load_bundle(self.bundle_path, task="intent-classification", device="cpu")
+        bundle = load_bundle(self.bundle_path, task="intent-classification", device=device)
         self.predictor = IntentPredictor(bundle)
         self.explainer = Explainer(
             bundle.model,

@@ -18,6 +18,8 @@ DEFAULT_SUMMARIZER_BUNDLE = "runs/demo-summarizer/bundle"
 # benchmark: among the Captum attributions, the best comprehensiveness per unit of cost
 # in benchmarks/results/faithfulness.md.
 DEFAULT_ATTRIBUTION = "occlusion"
+DEVICES = ("auto", "cpu", "cuda")
+MAX_AUTO_WORKERS = 4
 # Explanation methods cheap enough to run inside a plain prediction batch.
 CHEAP_METHODS = frozenset({"attention"})
 
@@ -35,7 +37,8 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str = ""
-    workers: int = 1
+    device: str = "auto"
+    workers: int = 0
     explain_workers: int = 1
     summarize_workers: int = 1
     api_servers: int = 1
@@ -75,7 +78,6 @@ class Settings:
 
     def validate(self) -> None:
         positive = (
-            "workers",
             "explain_workers",
             "summarize_workers",
             "api_servers",
@@ -100,14 +102,42 @@ class Settings:
             raise ConfigError("SUPPORTLENS_BATCH_TIMEOUT must be >= 0 and below the queue timeout")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"SUPPORTLENS_PORT must be a TCP port, got {self.port}")
+        if self.workers < 0:
+            raise ConfigError("SUPPORTLENS_WORKERS must be >= 0 (0 picks one per core)")
+        if self.device not in DEVICES:
+            raise ConfigError(
+                f"SUPPORTLENS_DEVICE must be one of {', '.join(DEVICES)}, got {self.device!r}"
+            )
         if self.torch_threads < 0:
             raise ConfigError("SUPPORTLENS_TORCH_THREADS must be >= 0 (0 picks one per worker)")
+
+    def accelerator(self) -> str:
+        """``cpu`` or ``cuda``: the device the model workers run on."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def classify_workers(self) -> int:
+        """Plain-prediction worker processes (per GPU on ``cuda``); 0 means automatic.
+
+        On CPU, one single-threaded worker per core (up to :data:`MAX_AUTO_WORKERS`):
+        while one worker runs its batch the next batch gathers in the queue for
+        another, so the cores never wait on the HTTP round trip, and one thread per
+        process avoids intra-op synchronisation on small batches.
+        """
+        if self.workers:
+            return self.workers
+        if self.accelerator() == "cuda":
+            return 1
+        return min(MAX_AUTO_WORKERS, available_cores())
 
     def threads_per_worker(self, workers: int) -> int:
         """Torch threads for one of ``workers`` processes sharing this machine's cores."""
         if self.torch_threads:
             return self.torch_threads
-        return max(1, (os.cpu_count() or 1) // max(1, workers))
+        return max(1, available_cores() // max(1, workers))
 
     def bundle_path(self, which: str) -> Path | None:
         """The bundle to serve for ``which`` ("intent" or "summarizer"), or None to skip it.
@@ -123,6 +153,13 @@ class Settings:
         if value == default and not path.exists():
             return None
         return path
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _parse(name: str, raw: str, default: object) -> object:

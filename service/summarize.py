@@ -43,7 +43,7 @@ class SummarizeAPI(ls.LitAPI):
         from service import metrics
 
         set_worker_threads(self.settings.threads_per_worker(self.settings.summarize_workers))
-        bundle = load_bundle(self.bundle_path, task="extractive-summarization", device="cpu")
+        bundle = load_bundle(self.bundle_path, task="extractive-summarization", device=device)
         self.predictor = SummarizerPredictor(bundle)
         self.model_info = {"name": bundle.name, "version": bundle.version}
         self.batch_sizes = metrics.BATCH_SIZE.labels(api=self.api_path)

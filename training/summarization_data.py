@@ -139,11 +139,12 @@ def units_from_columns(texts: Sequence[str], speakers: Sequence[str | None]) -> 
 
 
 def label_units(
-    dataset: Dataset, *, max_units: int = 3, source: str = "data"
+    dataset: Dataset, *, max_units: int = 3, units: str = "turns", source: str = "data"
 ) -> tuple[Dataset, int]:
     """Segment every conversation and label its units; return the dataset and rows skipped.
 
-    Adds ``unit_texts``, ``unit_speakers``, ``unit_labels`` (0/1 per unit) and
+    ``units`` is the segmentation (:func:`models.segmentation.segment`). Adds
+    ``unit_texts``, ``unit_speakers``, ``unit_labels`` (0/1 per unit) and
     ``unit_targets`` (:func:`unit_rouge` against the reference, or the 0/1 labels when
     they were given explicitly). Rows
     whose conversation has no unit are skipped; a row without a summary and without
@@ -161,34 +162,34 @@ def label_units(
     for index, (text, summary, labels) in enumerate(
         zip(dataset["text"], dataset["summary"], dataset["labels"], strict=True)
     ):
-        units = segment(text) if isinstance(text, str) else []
-        if not units:
+        found = segment(text, units) if isinstance(text, str) else []
+        if not found:
             skipped += 1
             continue
         if labels is not None:
-            bad = [i for i in labels if not isinstance(i, int) or not 0 <= i < len(units)]
+            bad = [i for i in labels if not isinstance(i, int) or not 0 <= i < len(found)]
             if bad:
                 raise DataError(
                     f"{source}: row {index}: labels {bad} are not unit indices "
-                    f"(0..{len(units) - 1}; the text has {len(units)} turns/sentences)"
+                    f"(0..{len(found) - 1}; the text has {len(found)} turns/sentences)"
                 )
             selected = set(labels)
         elif summary and summary.strip():
-            selected = set(greedy_oracle([unit_text(u) for u in units], summary, max_units))
+            selected = set(greedy_oracle([unit_text(u) for u in found], summary, max_units))
         else:
             raise DataError(f"{source}: row {index} has neither a reference summary nor labels")
         rows["text"].append(text)
         rows["summary"].append(
-            summary if summary else join_units([units[i] for i in sorted(selected)])
+            summary if summary else join_units([found[i] for i in sorted(selected)])
         )
-        rows["unit_texts"].append([u.text for u in units])
-        rows["unit_speakers"].append([u.speaker for u in units])
-        unit_labels = [int(i in selected) for i in range(len(units))]
+        rows["unit_texts"].append([u.text for u in found])
+        rows["unit_speakers"].append([u.speaker for u in found])
+        unit_labels = [int(i in selected) for i in range(len(found))]
         rows["unit_labels"].append(unit_labels)
         rows["unit_targets"].append(
             [float(x) for x in unit_labels]
             if labels is not None
-            else unit_rouge([unit_text(u) for u in units], summary)
+            else unit_rouge([unit_text(u) for u in found], summary)
         )
     if skipped:
         logger.warning("%s: skipped %d row(s) with an empty conversation", source, skipped)

@@ -40,6 +40,7 @@ from transformers import EvalPrediction, Trainer, set_seed
 
 from models.backbone import DEFAULT_BACKBONE, load_backbone
 from models.bundle import save_bundle
+from models.segmentation import UNIT_KINDS
 from models.summarizer import ExtractiveSummarizer, SummarizerConfig, encode_conversations
 from models.summary_predictor import budget_size, join_units, select_units
 from training.data import DataError
@@ -81,6 +82,13 @@ class DataArguments:
     )
     validation_size: float = field(
         default=0.15, metadata={"help": "Fraction (<1) or count (>=1) of train held out."}
+    )
+    units: str = field(
+        default="turns",
+        metadata={
+            "help": "What a summary is made of: 'turns' (speaker turns) or 'sentences' (turns "
+            "split into sentences); the bundle keeps it, so inference segments the same way."
+        },
     )
     oracle_units: int = field(
         default=3, metadata={"help": "Most units the greedy ROUGE oracle labels per conversation."}
@@ -246,7 +254,10 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets
     for name, path in files.items():
         if path:
             splits[name], skipped[name] = label_units(
-                load_conversations(path, **columns), max_units=data_args.oracle_units, source=path
+                load_conversations(path, **columns),
+                max_units=data_args.oracle_units,
+                units=data_args.units,
+                source=path,
             )
     if "validation" not in splits:
         splits["train"], splits["validation"] = split_off(
@@ -263,6 +274,8 @@ def train(argv: list[str] | None = None) -> TrainResult:
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
+    if data_args.units not in UNIT_KINDS:
+        raise RecipeError(f"units must be one of {list(UNIT_KINDS)}, got {data_args.units!r}")
     if data_args.targets not in TARGET_COLUMNS:
         raise RecipeError(
             f"targets must be one of {list(TARGET_COLUMNS)}, got {data_args.targets!r}"
@@ -348,6 +361,7 @@ def train(argv: list[str] | None = None) -> TrainResult:
         "backbone": model_args.backbone,
         "max_length": data_args.max_length,
         "chunk_overlap": data_args.chunk_overlap,
+        "units": data_args.units,
         "max_sentences": data_args.max_sentences,
         "oracle_units": data_args.oracle_units,
         "targets": data_args.targets,

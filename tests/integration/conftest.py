@@ -89,6 +89,8 @@ class ServerProcess:
             "SUPPORTLENS_HOST": "127.0.0.1",
             "SUPPORTLENS_PORT": str(self.port),
             "SUPPORTLENS_TORCH_THREADS": "1",
+            "SUPPORTLENS_DEVICE": "cpu",
+            "SUPPORTLENS_WORKERS": "1",
             "SUPPORTLENS_LOG_LEVEL": "warning",
             **env,
         }

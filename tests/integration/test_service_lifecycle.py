@@ -29,6 +29,7 @@ def test_service_drains_in_flight_requests_on_sigterm_and_leaves_no_process(tiny
             "SUPPORTLENS_INTENT_BUNDLE": str(intent),
             "SUPPORTLENS_SUMMARIZER_BUNDLE": "none",
             "SUPPORTLENS_API_SERVERS": "2",
+            "SUPPORTLENS_WORKERS": "2",  # two classify workers to drain, + the explain worker
         },
         tmp_path / "server.log",
     ).wait_ready()
@@ -42,7 +43,7 @@ def test_service_drains_in_flight_requests_on_sigterm_and_leaves_no_process(tiny
         main = psutil.Process(server.process.pid)
         descendants = main.children(recursive=True)
         workers = model_workers(server.process.pid)
-        assert len(workers) == 2 and len(descendants) >= 5  # + 2 HTTP, manager, tracker
+        assert len(workers) == 3 and len(descendants) >= 6  # + 2 HTTP, manager, tracker
 
         # Freeze the model workers so that requests are surely in flight at SIGTERM.
         for worker in workers:

@@ -9,6 +9,7 @@ import torch
 
 from models.backbone import load_backbone
 from models.bundle import load_bundle
+from models.segmentation import segment
 from models.summary_predictor import SummarizerPredictor
 from training import summarize, train_summarizer
 
@@ -108,11 +109,12 @@ def test_training_with_graded_targets_listwise_loss_and_frozen_encoder(tiny_back
         tiny_args(
             tiny_backbone, tmp_path / "run", "--num_train_epochs", "1",
             "--targets", "rouge", "--loss", "listwise", "--position_features", "true",
-            "--freeze_encoder_layers", "-1",
+            "--freeze_encoder_layers", "-1", "--units", "sentences",
         )
     )  # fmt: skip
     training = result.report["training"]
     assert training["targets"] == "rouge" and training["frozen_encoder_layers"] == 2
+    assert training["units"] == "sentences"
     bundle = load_bundle(result.bundle, task="extractive-summarization")
     assert bundle.model.config.loss == "listwise" and bundle.model.config.position_features
     # Frozen means untouched: the saved encoder equals the backbone it started from.
@@ -121,6 +123,11 @@ def test_training_with_graded_targets_listwise_loss_and_frozen_encoder(tiny_back
         torch.testing.assert_close(value, start[name])
     [summary] = SummarizerPredictor(bundle).summarize([CONVERSATION], max_sentences=2)
     assert sum(s["selected"] for s in summary.sentences) == 2
+    # The bundle's units are the ones inference segments into: sentences within turns.
+    text = "Customer: Hi. My parcel is late.\nAgent: Sorry! I will reship it today."
+    [split] = SummarizerPredictor(bundle).summarize([text])
+    assert [s["text"] for s in split.sentences] == [u.text for u in segment(text, "sentences")]
+    assert len(split.sentences) == 4
 
 
 @pytest.mark.parametrize(
@@ -128,6 +135,7 @@ def test_training_with_graded_targets_listwise_loss_and_frozen_encoder(tiny_back
     [
         ("--targets", "best", "targets must be one of"),
         ("--loss", "hinge", "unknown summarizer loss"),
+        ("--units", "paragraphs", "units must be one of"),
     ],
 )
 def test_training_rejects_unknown_targets_and_losses(

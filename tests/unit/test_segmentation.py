@@ -98,3 +98,27 @@ def test_unit_has_words_only_with_letters_or_digits():
     assert not Unit("...", 0, 3).has_words
     assert Unit("ok!", 0, 3).has_words
     assert Unit("你好", 0, 2).has_words
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_segment_sentence_units_point_back_into_the_text(text):
+    check_offsets(text, segment(text, units="sentences"))
+
+
+def test_segment_sentence_units_split_turns_and_keep_the_speaker():
+    text = "Customer: My parcel is late.\nIt was due Monday!\nAgent: Let me check. One moment."
+    units = segment(text, units="sentences")
+    assert [(u.speaker, u.text) for u in units] == [
+        ("Customer", "My parcel is late."),
+        ("Customer", "It was due Monday!"),
+        ("Agent", "Let me check."),
+        ("Agent", "One moment."),
+    ]
+    # Without speaker markers both kinds are the same sentences.
+    plain = "Hello. I was charged twice! Please help?"
+    assert segment(plain, units="sentences") == segment(plain)
+
+
+def test_segment_rejects_an_unknown_unit_kind():
+    with pytest.raises(ValueError, match="units must be one of"):
+        segment("Customer: hi", units="paragraphs")

@@ -395,6 +395,41 @@ def test_label_units_adds_graded_targets_from_the_summary_or_the_labels():
     )
 
 
+def test_label_units_with_sentence_units_labels_sentences_within_turns():
+    data = Dataset.from_dict(
+        {
+            "text": ["Customer: Hello there. My parcel is late.\nAgent: I will reship it today."],
+            "summary": ["The parcel is late and the agent will reship it."],
+            "labels": [None],
+        }
+    )
+    labelled, _ = label_units(data, units="sentences")
+    row = labelled[0]
+    assert row["unit_texts"] == ["Hello there.", "My parcel is late.", "I will reship it today."]
+    assert row["unit_speakers"] == ["Customer", "Customer", "Agent"]
+    assert row["unit_labels"] == [0, 1, 1]
+
+
+def test_predictor_segments_into_the_units_its_bundle_was_trained_on(tiny, tmp_path):
+    model, tokenizer = tiny
+    path = save_bundle(
+        tmp_path / "bundle",
+        model,
+        tokenizer,
+        task=TASK,
+        training={"max_length": 48, "chunk_overlap": 8, "units": "sentences"},
+    )
+    predictor = SummarizerPredictor(load_bundle(path, task=TASK))
+    text = "Customer: Hi. My card was charged twice.\nAgent: Sorry! I have refunded it."
+    [result] = predictor.summarize([text], max_sentences=2)
+    assert [s["text"] for s in result.sentences] == [
+        u.text for u in segment(text, units="sentences")
+    ]
+    assert len(result.sentences) == 4
+    selected = [s for s in result.sentences if s["selected"]]
+    assert result.summary == "\n".join(f"{s['speaker']}: {s['text']}" for s in selected)
+
+
 def test_label_units_uses_explicit_labels_and_checks_them():
     data = Dataset.from_dict(
         {

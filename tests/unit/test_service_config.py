@@ -1,0 +1,66 @@
+"""Service settings: parsing ``SUPPORTLENS_*`` variables and sizing the worker pools."""
+
+import pytest
+
+from service import config
+from service.config import ConfigError, Settings
+
+pytestmark = pytest.mark.unit
+
+
+def test_settings_defaults_when_environment_is_empty():
+    settings = Settings.from_env({})
+    assert settings == Settings()
+    assert settings.device == "auto" and settings.workers == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SUPPORTLENS_WORKERS", "two", "SUPPORTLENS_WORKERS must be an integer"),
+        ("SUPPORTLENS_WORKERS", "-1", "SUPPORTLENS_WORKERS must be >= 0"),
+        ("SUPPORTLENS_DEVICE", "tpu", "SUPPORTLENS_DEVICE must be one of auto, cpu, cuda"),
+        ("SUPPORTLENS_BATCH_TIMEOUT", "soon", "SUPPORTLENS_BATCH_TIMEOUT must be a number"),
+        ("SUPPORTLENS_STRICT_LENGTH", "maybe", "SUPPORTLENS_STRICT_LENGTH must be 0 or 1"),
+        ("SUPPORTLENS_MAX_BATCH_SIZE", "0", "SUPPORTLENS_MAX_BATCH_SIZE must be at least 1"),
+        ("SUPPORTLENS_PORT", "70000", "SUPPORTLENS_PORT must be a TCP port"),
+    ],
+)
+def test_settings_bad_value_names_the_variable(variable, value, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({variable: value})
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 2), (3, 3), (16, 4)])
+def test_settings_automatic_workers_one_per_core_on_cpu(monkeypatch, cores, expected):
+    monkeypatch.setattr(config, "available_cores", lambda: cores)
+    settings = Settings.from_env({"SUPPORTLENS_DEVICE": "cpu"})
+    workers = settings.classify_workers()
+    assert workers == expected
+    # The pool shares the cores: single-threaded workers unless there are spare cores.
+    assert settings.threads_per_worker(workers) == max(1, cores // expected)
+
+
+def test_settings_explicit_workers_and_threads_are_kept(monkeypatch):
+    monkeypatch.setattr(config, "available_cores", lambda: 8)
+    settings = Settings.from_env(
+        {"SUPPORTLENS_WORKERS": "3", "SUPPORTLENS_TORCH_THREADS": "2", "SUPPORTLENS_DEVICE": "cpu"}
+    )
+    assert settings.classify_workers() == 3
+    assert settings.threads_per_worker(3) == 2
+
+
+def test_settings_one_worker_per_gpu_on_cuda(monkeypatch):
+    monkeypatch.setattr(config, "available_cores", lambda: 16)
+    settings = Settings.from_env({"SUPPORTLENS_DEVICE": "cuda"})
+    assert settings.accelerator() == "cuda"
+    assert settings.classify_workers() == 1
+
+
+def test_settings_auto_device_follows_torch(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert Settings.from_env({}).accelerator() == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert Settings.from_env({}).accelerator() == "cuda"
