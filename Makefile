@@ -6,7 +6,7 @@ RUNS   ?= runs
 INTENT_BUNDLE     ?= $(RUNS)/demo-intent/bundle
 SUMMARIZER_BUNDLE ?= $(RUNS)/demo-summarizer/bundle
 
-.PHONY: install serve demo-models test test-unit test-integration test-browser lint format bench clean
+.PHONY: install serve demo-models test test-unit test-integration test-browser lint format bench image clean
 
 # The stamp is rebuilt whenever the dependency list changes.
 $(BIN)/.installed: pyproject.toml requirements/torch.txt
@@ -53,6 +53,19 @@ lint: $(BIN)/.installed
 format: $(BIN)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Every benchmark in turn (about an hour on 2 CPU cores); they read ../shared/data by path
+# and rewrite benchmarks/results/. Faithfulness and serving use the BANKING77 bundle.
+bench: $(BIN)/.installed
+	$(BIN)/python benchmarks/banking77.py
+	$(BIN)/python benchmarks/faithfulness.py --bundle runs/banking77/bundle --sample 500
+	$(BIN)/python benchmarks/dialogsum.py --seeds 42 1 2
+	$(BIN)/python benchmarks/serving.py --bundle runs/banking77/bundle
+
+# The serving image with the demo models baked in (CONTAINER=podman works the same way).
+CONTAINER ?= docker
+image:
+	$(CONTAINER) build -f deploy/Dockerfile --build-arg BAKE_DEMO_MODELS=1 -t supportlens:demo .
 
 clean:
 	rm -rf $(RUNS) .pytest_cache .ruff_cache
