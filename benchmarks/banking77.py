@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, write_runs  # noqa: E402
+from benchmarks.common import hardware, machine, write_runs  # noqa: E402
 
 # Published full-data BANKING77 test accuracy (Casanueva et al. 2020 and follow-ups).
 PUBLISHED = [
@@ -52,7 +52,7 @@ def render_markdown(results: dict) -> str:
     for kind, run in sorted(results["runs"].items()):
         m = run["metrics"]
         lines.append(
-            f"| {kind} ({run['machine'].get('gpu') or str(run['machine']['cpu_count']) + ' CPU cores'}) "
+            f"| {kind} ({hardware(run['machine'])}) "
             f"| {m['accuracy']:.2f} | {m['macro_f1']:.2f} | {m['ece_before']:.2f} | "
             f"{m['ece_after']:.2f} | {m['temperature']:.3f} | {run['epochs']:.1f} | "
             f"{run['wall_time_s'] / 60:.1f} min |"

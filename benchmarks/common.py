@@ -15,6 +15,8 @@ def machine() -> dict[str, Any]:
     import torch
     import transformers
 
+    from service.config import available_cores
+
     cpu_model = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
@@ -24,9 +26,7 @@ def machine() -> dict[str, Any]:
                 break
     info: dict[str, Any] = {
         "cpu": cpu_model,
-        "cpu_count": len(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
+        "cpu_count": available_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -36,6 +36,11 @@ def machine() -> dict[str, Any]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def hardware(info: dict[str, Any]) -> str:
+    """The short device label of a :func:`machine` description: the GPU, else the cores."""
+    return info.get("gpu") or f"{info['cpu_count']} CPU cores"
 
 
 def write_runs(

@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, write_runs  # noqa: E402
+from benchmarks.common import hardware, machine, write_runs  # noqa: E402
 
 # Measured on the whole dev.jsonl (shared data README): LEAD-3 and a 3-turn greedy oracle.
 REFERENCE = {"lead3": (28.4, 7.8, 21.5), "oracle": (43.9, 19.2, 35.5)}
@@ -72,11 +72,11 @@ def score_budgets(predictor, texts: list[str], references: list[str]) -> list[di
     from training.summarization_data import rouge_f1
 
     results = predictor.summarize(texts, max_sentences=1)
+    segmented = predictor.segment(texts)  # once, not once per budget
     rows = []
     for budget in BUDGETS:
         summaries = []
-        for text, result in zip(texts, results, strict=True):
-            units = predictor.segment([text])[0]
+        for units, result in zip(segmented, results, strict=True):
             scores = result.explanations["unit_scores"]
             size = budget_size(len(units), budget.get("max_sentences", 3), budget.get("ratio"))
             chosen = select_units(scores, [u.text for u in units], size)
@@ -118,7 +118,7 @@ def render_markdown(results: dict) -> str:
     ]
     for kind, run in results["runs"].items():
         mach = run["machine"]
-        device = mach.get("gpu") or f"{mach['cpu_count']} CPU cores"
+        device = hardware(mach)
         split = run["split"]
         lines += [
             f"## {kind} ({device})",

@@ -40,7 +40,7 @@ from pydantic import BaseModel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import machine, write_runs  # noqa: E402
+from benchmarks.common import hardware, machine, write_runs  # noqa: E402
 from service.config import Settings, available_cores  # noqa: E402
 
 
@@ -554,11 +554,10 @@ def render_markdown(results: dict) -> str:
     ]
     for kind, run in sorted(results["runs"].items()):
         m = run["machine"]
-        hardware = m.get("gpu") or f"{m['cpu_count']} CPU cores"
         server = run["server"]
         lines += [
             "",
-            f"## {kind} ({hardware})",
+            f"## {kind} ({hardware(m)})",
             "",
             f"Command: `{run['command']}`",
             "",
