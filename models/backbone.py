@@ -59,15 +59,3 @@ def load_backbone(
             f"available offline from the model hub ({exc.__class__.__name__})"
         ) from exc
     return encoder, tokenizer
-
-
-def encoder_from_config(
-    config_dict: dict, *, attn_implementation: str | None = None
-) -> PreTrainedModel:
-    """Build an encoder with random weights from a saved config dict (no download)."""
-    config_dict = dict(config_dict)
-    model_type = config_dict.pop("model_type")
-    config = AutoConfig.for_model(model_type, **config_dict)
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
-    return AutoModel.from_config(config)

@@ -1,53 +1,75 @@
-"""The model bundle: a self-describing, checksummed directory. No pickle anywhere.
+"""The model bundle: a Hugging Face model directory plus what serving needs, checksummed.
 
-Layout::
+Layout (format 2)::
 
     bundle/
-      config.json          format version, task, model config, encoder config
-      model.safetensors    all weights
-      tokenizer/           tokenizer files (save_pretrained)
-      labels.json          label names, index order           (classifier)
-      calibration.json     temperature, out-of-scope threshold (classifier)
-      training.json        how it was trained (recipe, data, time, versions)
-      metrics.json         evaluation figures
-      manifest.json        SHA-256 of every file above
+      config.json              the model's PretrainedConfig: model_type, encoder config
+                               nested under "encoder", intents in "id2label" (classifier)
+      model.safetensors        all weights (save_pretrained)
+      tokenizer.json, tokenizer_config.json, ...   the tokenizer (save_pretrained)
+      calibration.json         temperature, out-of-scope threshold (classifier)
+      training.json            how it was trained (recipe, data, time, versions)
+      metrics.json             evaluation figures
+      resolved_config.json     every training argument (when written by a training run)
+      manifest.json            {"format": 2, "task": ..., "files": {relative path: SHA-256}}
 
-Bundles are written to a temporary sibling directory and renamed into place, so a
-crash never leaves a half-written bundle under the final name.
+After ``import models``, ``AutoModel.from_pretrained(bundle)`` and
+``AutoTokenizer.from_pretrained(bundle)`` read it like any model directory. No pickle
+anywhere and never remote code.
+
+:func:`verify_bundle` is the deep check every load starts with: the manifest's schema;
+every path relative and inside the bundle (no absolute path, no ``..``, no symbolic link
+leading out); every file listed and every listed file present with its checksum; then
+config, weights (the safetensors header only), labels, tokenizer and task must agree.
+Any problem is one :class:`BundleError` line naming it; messages name files of the
+bundle only, never a path outside it.
+
+A format-1 bundle (``model_config`` in ``config.json``, ``labels.json``, ``tokenizer/``)
+is refused with the command that converts it (:data:`CONVERT_COMMAND`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
+import math
 import os
-import shutil
-import uuid
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import re
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
-from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from models.backbone import encoder_from_config
+from models.classifier import IntentClassifier
+from models.files import atomic_directory, atomic_write_json
+from models.summarizer import ExtractiveSummarizer
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
+LEGACY_FORMAT = 1
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+CALIBRATION = "calibration.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CONVERT_COMMAND = "supportlens-convert-bundle"
 
-# task -> (module, config class, model class). Models take (config, encoder).
-TASKS: dict[str, tuple[str, str, str]] = {
-    "intent-classification": ("models.classifier", "ClassifierConfig", "IntentClassifier"),
-    "extractive-summarization": ("models.summarizer", "SummarizerConfig", "ExtractiveSummarizer"),
+# task -> model class; the class's config names its model_type.
+TASKS: dict[str, type[PreTrainedModel]] = {
+    "intent-classification": IntentClassifier,
+    "extractive-summarization": ExtractiveSummarizer,
 }
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_JSON_DOCUMENTS = ("training.json", "metrics.json", CALIBRATION)
 
 
 class BundleError(ValueError):
-    """A bundle is missing, corrupt or incompatible; the message says which."""
+    """A bundle is missing, corrupt, forged or incompatible; the message (one line) says which."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 @dataclass
@@ -56,7 +78,7 @@ class Bundle:
 
     path: Path
     task: str
-    model: nn.Module
+    model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     labels: list[str] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
@@ -77,13 +99,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def task_of_model(model: PreTrainedModel) -> str:
+    for task, model_class in TASKS.items():
+        if isinstance(model, model_class):
+            return task
+    raise BundleError(f"no bundle task for a {type(model).__name__}")
+
+
+# -- writing --------------------------------------------------------------------------------
 
 
 def save_bundle(
     directory: str | os.PathLike,
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     *,
     task: str,
@@ -95,100 +123,311 @@ def save_bundle(
 ) -> Path:
     """Write ``model`` as a bundle at ``directory`` atomically and return its path.
 
-    ``extra_files`` maps a file name to a JSON-serialisable document to include
-    (e.g. a resolved recipe); each is covered by the manifest like every other file.
+    ``labels`` (classifier) become the config's ``id2label``. ``extra_files`` maps a file
+    name to a JSON document to include (e.g. the resolved recipe); the manifest covers it
+    like every other file. The bundle is checked with :func:`verify_bundle` before it is
+    renamed into place, so a bundle that would not load never appears.
     """
     if task not in TASKS:
         raise BundleError(f"unknown task {task!r}; known: {sorted(TASKS)}")
+    if task_of_model(model) != task:
+        raise BundleError(f"a {type(model).__name__} cannot be saved as a {task!r} bundle")
+    if labels is not None:
+        if len(labels) != model.config.num_labels:
+            raise BundleError(
+                f"{len(labels)} labels for a classifier head of {model.config.num_labels} classes"
+            )
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {label: i for i, label in enumerate(labels)}
     final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        _write_json(
-            tmp / "config.json",
-            {
-                "format": BUNDLE_FORMAT,
-                "task": task,
-                "model_config": asdict(model.config),
-                "encoder_config": model.encoder.config.to_diff_dict(),
-            },
-        )
-        # save_model de-duplicates shared tensors, which save_file would refuse.
-        save_model(model, str(tmp / WEIGHTS))
-        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    with atomic_directory(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         documents = {
-            "labels.json": labels,
-            "calibration.json": calibration,
+            CALIBRATION: calibration,
             "training.json": training or {},
             "metrics.json": metrics or {},
             **(extra_files or {}),
         }
         for name, document in documents.items():
             if document is not None:
-                _write_json(tmp / name, document)
+                atomic_write_json(tmp / name, document)
         files = {
-            str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+            p.relative_to(tmp).as_posix(): sha256_file(p)
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file() and p.name != MANIFEST
         }
-        _write_json(tmp / MANIFEST, {"format": BUNDLE_FORMAT, "task": task, "files": files})
-        _swap_into_place(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        atomic_write_json(tmp / MANIFEST, {"format": BUNDLE_FORMAT, "task": task, "files": files})
+        _check(tmp, task, display=final)
     return final
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing bundle is replaced only once the new one is complete."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
+# -- checking -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Checked:
+    """What :func:`_check` read on its way: enough to load without parsing twice."""
+
+    task: str
+    config_dict: dict[str, Any]
+    config: Any
+    tokenizer: PreTrainedTokenizerBase
+    documents: dict[str, Any]
+
+
+def _read_json(path: Path, name: str, display: Path) -> Any:
     try:
-        tmp.rename(final)
-    except BaseException:
-        if old is not None:
-            old.rename(final)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"corrupt bundle {display}: {name} is not valid JSON ({exc})") from None
 
 
-def verify_bundle(directory: str | os.PathLike) -> dict[str, Any]:
-    """Check the manifest against the files; return the parsed ``config.json``.
-
-    Raises :class:`BundleError` naming the first problem: a missing directory or
-    manifest, a missing file, a checksum mismatch, or an unsupported format.
-    """
-    path = Path(directory)
-    if not path.is_dir():
-        raise BundleError(f"no model bundle at {path}: directory does not exist")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleError(f"{path} is not a model bundle: {MANIFEST} is missing")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise BundleError(f"corrupt bundle {path}: unreadable {MANIFEST} ({exc})") from exc
-    if manifest.get("format") != BUNDLE_FORMAT:
+def _manifest(root: Path, display: Path, task: str | None) -> dict[str, Any]:
+    manifest_path = root / MANIFEST
+    if manifest_path.is_symlink() or not manifest_path.is_file():
+        raise BundleError(f"{display} is not a model bundle: {MANIFEST} is missing")
+    manifest = _read_json(manifest_path, MANIFEST, display)
+    if not isinstance(manifest, dict):
+        raise BundleError(f"corrupt bundle {display}: {MANIFEST} is not a JSON object")
+    version = manifest.get("format")
+    if version == LEGACY_FORMAT:
         raise BundleError(
-            f"incompatible bundle {path}: format {manifest.get('format')!r}, this version reads {BUNDLE_FORMAT}"
+            f"bundle {display} has format {LEGACY_FORMAT}, this version reads format "
+            f"{BUNDLE_FORMAT}; convert it with: {CONVERT_COMMAND} {display} NEW_DIRECTORY"
         )
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise BundleError(f"corrupt bundle {path}: {name} is missing")
-        if sha256_file(file) != expected:
-            raise BundleError(f"corrupt bundle {path}: checksum mismatch for {name}")
-    for required in ("config.json", WEIGHTS):
+    if version != BUNDLE_FORMAT:
+        raise BundleError(
+            f"incompatible bundle {display}: format {version!r}, this version reads {BUNDLE_FORMAT}"
+        )
+    bundle_task = manifest.get("task")
+    if bundle_task not in TASKS:
+        raise BundleError(
+            f"corrupt bundle {display}: {MANIFEST} names task {bundle_task!r}; known: {sorted(TASKS)}"
+        )
+    if task is not None and bundle_task != task:
+        raise BundleError(
+            f"incompatible bundle {display}: it holds a {bundle_task!r} model, expected {task!r}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(
+            f"corrupt bundle {display}: {MANIFEST} 'files' must map relative paths to SHA-256 "
+            f"checksums, got {type(files).__name__}"
+        )
+    for name, checksum in files.items():
+        if not _is_confined(name):
+            # The entry itself is not repeated: it may name a file outside the bundle.
+            raise BundleError(
+                f"forged bundle {display}: {MANIFEST} lists a path outside the bundle "
+                "(absolute, with '..', or not a plain relative path)"
+            )
+        if not isinstance(checksum, str) or not _SHA256.fullmatch(checksum):
+            raise BundleError(
+                f"corrupt bundle {display}: the checksum of {name} is not a SHA-256 hex digest"
+            )
+    return manifest
+
+
+def _is_confined(name: Any) -> bool:
+    """A relative POSIX path with plain parts: no root, no ``..``/``.``, no backslash."""
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
+        return False
+    if name.startswith("/") or name == MANIFEST:
+        return False
+    parts = name.split("/")
+    return (
+        all(part not in ("", ".", "..") for part in parts) and not PurePosixPath(name).is_absolute()
+    )
+
+
+def _present_files(root: Path, display: Path) -> set[str]:
+    """Relative paths of the files in the bundle; a symbolic link leading out is refused."""
+    present: set[str] = set()
+    for current, directories, names in os.walk(root, followlinks=False):
+        here = Path(current)
+        for name in [*directories, *names]:
+            entry = here / name
+            relative = entry.relative_to(root).as_posix()
+            if entry.is_symlink():
+                target = entry.resolve()
+                if not target.is_relative_to(root) or not target.exists():
+                    raise BundleError(
+                        f"forged bundle {display}: {relative} is a symbolic link leading out of "
+                        "the bundle"
+                    )
+                if target.is_dir():
+                    raise BundleError(
+                        f"unsupported bundle {display}: {relative} is a symbolic link to a directory"
+                    )
+                present.add(relative)
+            elif entry.is_file():
+                present.add(relative)
+    present.discard(MANIFEST)
+    return present
+
+
+def _check_files(root: Path, display: Path, files: dict[str, str]) -> None:
+    present = _present_files(root, display)
+    for name in sorted(files):
+        if name not in present:
+            raise BundleError(f"corrupt bundle {display}: {name} is missing")
+    unlisted = sorted(present - set(files))
+    if unlisted:
+        raise BundleError(
+            f"corrupt bundle {display}: {unlisted[0]} is in the bundle but not in its {MANIFEST}"
+        )
+    for name, expected in sorted(files.items()):
+        if sha256_file(root / name) != expected:
+            raise BundleError(f"corrupt bundle {display}: checksum mismatch for {name}")
+    for required in (CONFIG, WEIGHTS, TOKENIZER_CONFIG):
         if required not in files:
-            raise BundleError(f"corrupt bundle {path}: manifest does not list {required}")
-    return json.loads((path / "config.json").read_text())
+            raise BundleError(f"corrupt bundle {display}: {required} is missing")
 
 
-def _read_optional_json(path: Path, default: Any) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else default
+def _weight_shapes(path: Path, display: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header, without reading the weights."""
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            return {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(
+            f"corrupt bundle {display}: {WEIGHTS} has an unreadable header ({exc})"
+        ) from None
+
+
+def _check_model(
+    root: Path, display: Path, task: str, config_dict: dict[str, Any]
+) -> tuple[Any, int]:
+    """The config object; weights must be exactly the model's tensors with its shapes.
+    Returns the config and the encoder's embedding rows."""
+    model_class = TASKS[task]
+    expected_type = model_class.config_class.model_type
+    if config_dict.get("model_type") != expected_type:
+        raise BundleError(
+            f"inconsistent bundle {display}: {CONFIG} holds model_type "
+            f"{config_dict.get('model_type')!r}, a {task!r} bundle needs {expected_type!r}"
+        )
+    try:
+        config = model_class.config_class.from_dict(dict(config_dict))
+        with torch.device("meta"):
+            skeleton = model_class(config)
+    except Exception as exc:  # any library error here means an unusable config
+        raise BundleError(
+            f"inconsistent bundle {display}: {CONFIG} does not describe a usable model "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    stored = _weight_shapes(root / WEIGHTS, display)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise BundleError(
+            f"inconsistent bundle {display}: {WEIGHTS} does not match {CONFIG} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, shape in expected.items():
+        if stored[name] != shape:
+            raise BundleError(
+                f"inconsistent bundle {display}: {WEIGHTS} has {name} of shape "
+                f"{list(stored[name])}, {CONFIG} needs {list(shape)}"
+            )
+    rows = int(skeleton.get_input_embeddings().weight.shape[0])
+    return config, rows
+
+
+def _check_labels(display: Path, config: Any) -> None:
+    id2label = config.id2label or {}
+    if sorted(id2label) != list(range(config.num_labels)) or len(id2label) < 2:
+        raise BundleError(
+            f"inconsistent bundle {display}: {CONFIG} id2label must name each of the head's "
+            f"classes 0..n-1 (at least 2), got {len(id2label)} labels"
+        )
+    names = [id2label[i] for i in range(len(id2label))]
+    if any(not isinstance(n, str) or not n.strip() for n in names) or len(set(names)) < len(names):
+        raise BundleError(f"inconsistent bundle {display}: id2label has empty or repeated labels")
+
+
+def _check_tokenizer(root: Path, display: Path, rows: int, config: Any) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(root), trust_remote_code=False, local_files_only=True
+        )
+    except Exception as exc:  # any library error here means an unusable tokenizer
+        raise BundleError(
+            f"corrupt bundle {display}: the tokenizer does not load ({type(exc).__name__}: {exc})"
+        ) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise BundleError(
+            f"inconsistent bundle {display}: the tokenizer is not a fast tokenizer (offsets)"
+        )
+    if len(tokenizer) > rows:
+        raise BundleError(
+            f"inconsistent bundle {display}: the tokenizer has {len(tokenizer)} tokens but the "
+            f"encoder's embedding has {rows} rows"
+        )
+    special = getattr(config, "special_token_ids", None) or []
+    if any(not 0 <= int(i) < rows for i in special):
+        raise BundleError(
+            f"inconsistent bundle {display}: special_token_ids outside the vocabulary"
+        )
+    return tokenizer
+
+
+def _check_documents(root: Path, display: Path, task: str, files: dict) -> dict[str, Any]:
+    documents: dict[str, Any] = {}
+    for name in _JSON_DOCUMENTS:
+        if name in files:
+            documents[name] = _read_json(root / name, name, display)
+            if not isinstance(documents[name], dict):
+                raise BundleError(f"corrupt bundle {display}: {name} is not a JSON object")
+    calibration = documents.get(CALIBRATION)
+    if task == "intent-classification":
+        if calibration is None:
+            raise BundleError(f"corrupt bundle {display}: {CALIBRATION} is missing")
+        temperature = calibration.get("temperature")
+        threshold = calibration.get("oos_threshold")
+        if not _number(temperature) or not temperature > 0:
+            raise BundleError(
+                f"corrupt bundle {display}: {CALIBRATION} temperature must be a positive number"
+            )
+        if not _number(threshold) or not 0 <= threshold <= 1:
+            raise BundleError(
+                f"corrupt bundle {display}: {CALIBRATION} oos_threshold must be in [0, 1]"
+            )
+    return documents
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(path: Path, task: str | None, display: Path | None = None) -> _Checked:
+    display = display or path
+    if not path.is_dir():
+        raise BundleError(f"no model bundle at {display}: directory does not exist")
+    root = path.resolve()
+    manifest = _manifest(root, display, task)
+    bundle_task = manifest["task"]
+    _check_files(root, display, manifest["files"])
+    config_dict = _read_json(root / CONFIG, CONFIG, display)
+    if not isinstance(config_dict, dict):
+        raise BundleError(f"corrupt bundle {display}: {CONFIG} is not a JSON object")
+    config, rows = _check_model(root, display, bundle_task, config_dict)
+    if bundle_task == "intent-classification":
+        _check_labels(display, config)
+    tokenizer = _check_tokenizer(root, display, rows, config)
+    documents = _check_documents(root, display, bundle_task, manifest["files"])
+    return _Checked(bundle_task, config_dict, config, tokenizer, documents)
+
+
+def verify_bundle(directory: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
+    """Check a bundle completely without loading its weights; return its ``config.json``.
+
+    Raises :class:`BundleError` (one line) for the first problem found: see the module
+    docstring for what is checked. ``task``, when given, must be the bundle's task.
+    """
+    return _check(Path(directory), task).config_dict
 
 
 def load_bundle(
@@ -204,42 +443,31 @@ def load_bundle(
     attention maps (attention rollout).
     """
     path = Path(directory)
-    config = verify_bundle(path)
-    bundle_task = config.get("task")
-    if task is not None and bundle_task != task:
-        raise BundleError(
-            f"incompatible bundle {path}: it holds a {bundle_task!r} model, expected {task!r}"
-        )
-    if bundle_task not in TASKS:
-        raise BundleError(f"incompatible bundle {path}: unknown task {bundle_task!r}")
-    module_name, config_name, model_name = TASKS[bundle_task]
-    module = importlib.import_module(module_name)
+    checked = _check(path, task)
+    root = path.resolve()
+    kwargs: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
-        model_config = getattr(module, config_name)(**config["model_config"])
-        encoder = encoder_from_config(
-            config["encoder_config"], attn_implementation=attn_implementation
-        )
-        model = getattr(module, model_name)(model_config, encoder)
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False)
-    except (TypeError, KeyError, ValueError, SafetensorError, RuntimeError) as exc:
-        raise BundleError(f"incompatible bundle {path}: {exc}") from exc
-    if missing or unexpected:
+        model = TASKS[checked.task].from_pretrained(str(root), config=checked.config, **kwargs)
+    except Exception as exc:  # the checks above make this rare; keep it one line
         raise BundleError(
-            f"incompatible bundle {path}: weights do not match the model "
-            f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(path / "tokenizer"), trust_remote_code=False, local_files_only=True
+            f"incompatible bundle {path}: the model does not load ({type(exc).__name__}: {exc})"
+        ) from None
+    config = model.config
+    labels = (
+        [config.id2label[i] for i in range(config.num_labels)]
+        if checked.task == ("intent-classification")
+        else []
     )
-    training = _read_optional_json(path / "training.json", {})
     return Bundle(
         path=path,
-        task=bundle_task,
+        task=checked.task,
         model=model.to(device).eval(),
-        tokenizer=tokenizer,
-        labels=_read_optional_json(path / "labels.json", []),
-        calibration=_read_optional_json(path / "calibration.json", {}),
-        training=training,
-        metrics=_read_optional_json(path / "metrics.json", {}),
-        version=sha256_file(path / MANIFEST)[:12],
+        tokenizer=checked.tokenizer,
+        labels=labels,
+        calibration=checked.documents.get(CALIBRATION, {}),
+        training=checked.documents.get("training.json", {}),
+        metrics=checked.documents.get("metrics.json", {}),
+        version=sha256_file(root / MANIFEST)[:12],
     )

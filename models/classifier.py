@@ -1,29 +1,45 @@
-"""Intent classifier: any Hugging Face encoder + masked attention pooling + dropout + linear head."""
+"""Intent classifier: any Hugging Face encoder + masked attention pooling + dropout + linear head.
+
+A ``PreTrainedModel`` with its own ``model_type``: ``save_pretrained`` writes ``config.json``
+(the encoder's config nested under ``encoder``, the intents in ``id2label``) and
+``model.safetensors``; after ``import models`` the Auto classes load it like any other model.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
+from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
 from models.pooling import MaskedAttentionPooling, PoolingConfig
 
 
-@dataclass
-class ClassifierConfig:
-    """Everything needed to rebuild the classifier around an encoder of known config."""
+class ClassifierConfig(PreTrainedConfig):
+    """The classifier around an encoder whose config is nested under ``encoder`` (as in
+    ``EncoderDecoderConfig``). The intents are ``id2label``; ``num_labels`` is their count."""
 
-    num_labels: int
-    hidden_size: int
+    model_type = "supportlens-intent-classifier"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "encoder": SubConfigSpec(config_class=AutoConfig, model_type="bert")
+    }
+
+    encoder: PreTrainedConfig | dict | None = None
     pooling_heads: int = 1
     dropout: float = 0.1
     label_smoothing: float = 0.0
     # Token ids never pooled over ([CLS], [SEP], [PAD], ...) when exclude_special_tokens.
-    special_token_ids: list[int] = field(default_factory=list)
+    special_token_ids: list[int] | None = None
     exclude_special_tokens: bool = True
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder.hidden_size)
 
 
 @dataclass
@@ -37,29 +53,75 @@ class ClassifierOutput(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, T, T)
 
 
-class IntentClassifier(nn.Module):
-    """Encoder → attention pooling (special tokens and padding excluded) → dropout → linear."""
+class SupportLensPreTrainedModel(PreTrainedModel):
+    """What the classifier and the summarizer share: weight initialisation and the encoder.
 
-    def __init__(self, config: ClassifierConfig, encoder: nn.Module):
-        super().__init__()
-        self.config = config
-        self.encoder = encoder
+    The encoder is a ``PreTrainedModel`` of its own: ``post_init`` dispatches to its own
+    ``_init_weights`` and leaves it alone when it arrives loaded (pretrained weights carry
+    transformers' ``_is_hf_initialized`` flag).
+    """
+
+    base_model_prefix = "supportlens"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, MaskedAttentionPooling):
+            nn.init.normal_(module.query, std=module.config.hidden_size**-0.5)
+        elif isinstance(module, nn.Linear):
+            module.reset_parameters()  # PyTorch's default, as the heads had before
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            module._reset_parameters()
+
+    def _attach_encoder(self, encoder: PreTrainedModel | None) -> PreTrainedModel:
+        """The given encoder, else one built from ``config.encoder``; both share that config."""
+        if encoder is None:
+            encoder = AutoModel.from_config(self.config.encoder)
+        encoder.config = self.config.encoder  # one shared object, as in EncoderDecoderModel
+        return encoder
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.encoder.set_input_embeddings(value)
+
+
+class IntentClassifier(SupportLensPreTrainedModel):
+    """Encoder → attention pooling (special tokens and padding excluded) → dropout → linear.
+
+    ``IntentClassifier(config, encoder)`` wraps a loaded encoder (training);
+    ``IntentClassifier(config)`` builds one from ``config.encoder`` (loading).
+    """
+
+    config_class = ClassifierConfig
+
+    def __init__(self, config: ClassifierConfig, encoder: PreTrainedModel | None = None):
+        if encoder is not None:
+            config.encoder = encoder.config
+        super().__init__(config)
+        self.encoder = self._attach_encoder(encoder)
         self.pooling = MaskedAttentionPooling(
             PoolingConfig(hidden_size=config.hidden_size, num_heads=config.pooling_heads)
         )
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(self.pooling.output_size, config.num_labels)
-        self.register_buffer(
-            "special_token_ids",
-            torch.tensor(config.special_token_ids, dtype=torch.long),
-            persistent=False,
-        )
+        self.post_init()
 
     def pooling_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Tokens the pooling may attend to: real (non-padding) tokens, minus special tokens."""
         mask = attention_mask.to(torch.bool)
-        if self.config.exclude_special_tokens and self.special_token_ids.numel():
-            mask = mask & ~torch.isin(input_ids, self.special_token_ids)
+        if self.config.exclude_special_tokens and self.config.special_token_ids:
+            # Built per call, not a buffer: from_pretrained creates modules on the meta
+            # device and would leave a non-persistent buffer uninitialised.
+            special = torch.tensor(self.config.special_token_ids, device=input_ids.device)
+            mask = mask & ~torch.isin(input_ids, special)
         return mask  # (B, T)
 
     def forward(
@@ -71,9 +133,11 @@ class IntentClassifier(nn.Module):
         output_pooling_weights: bool = False,
         output_attentions: bool = False,
         pooling_mask: torch.Tensor | None = None,
+        **kwargs,
     ) -> ClassifierOutput:
         """``pooling_mask`` (B, T) overrides the tokens pooled over; explanations pass the
-        input's mask with a [PAD]-substituted baseline so both are read at the same positions."""
+        input's mask with a [PAD]-substituted baseline so both are read at the same positions.
+        Other keyword arguments (Trainer's ``num_items_in_batch``) are not used."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         encoder_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -42,6 +42,7 @@ from torch import nn
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from models.classifier import IntentClassifier
+from models.tokenization import encode_texts
 
 METHODS = ("attention", "rollout", "integrated_gradients", "gradient_x_input", "occlusion")
 
@@ -239,14 +240,7 @@ class Explainer:
         """Tokenize ``texts`` (padded to the longest, with character offsets)."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ExplanationError("texts must be a list of strings")
-        return self.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=self.max_length,
-            padding="longest",
-            return_tensors="pt",
-            return_offsets_mapping=True,
-        )
+        return encode_texts(self.tokenizer, texts, self.max_length)[0]
 
     def _inputs(self, encoding: BatchEncoding) -> dict[str, torch.Tensor]:
         keys = ("input_ids", "attention_mask", "token_type_ids")

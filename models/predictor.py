@@ -8,6 +8,7 @@ import torch
 from transformers import BatchEncoding
 
 from models.bundle import Bundle
+from models.tokenization import encode_texts
 
 OUT_OF_SCOPE = "out_of_scope"
 
@@ -45,19 +46,8 @@ class IntentPredictor:
         return next(self.model.parameters()).device
 
     def encode(self, texts: list[str]) -> tuple[BatchEncoding, list[bool]]:
-        """Tokenize with padding to the longest text; also report which texts were truncated."""
-        encoding = self.tokenizer(
-            texts,
-            truncation=True,
-            max_length=self.max_length,
-            padding="longest",
-            return_tensors="pt",
-            return_offsets_mapping=True,
-        )
-        full_lengths = [
-            len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]
-        ]
-        return encoding, [n > self.max_length for n in full_lengths]
+        """Tokenize once (padding to the longest text, offsets) and say which texts were cut."""
+        return encode_texts(self.tokenizer, texts, self.max_length)
 
     def model_inputs(self, encoding: BatchEncoding) -> dict[str, torch.Tensor]:
         keys = ("input_ids", "attention_mask", "token_type_ids")

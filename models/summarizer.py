@@ -16,22 +16,29 @@ import bisect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
+from models.classifier import SupportLensPreTrainedModel
 from models.pooling import MaskedAttentionPooling, PoolingConfig
 from models.segmentation import Unit
 
 
-@dataclass
-class SummarizerConfig:
-    """Everything needed to rebuild the summarizer around an encoder of known config."""
+class SummarizerConfig(PreTrainedConfig):
+    """The summarizer around an encoder whose config is nested under ``encoder``."""
 
-    hidden_size: int
+    model_type = "supportlens-extractive-summarizer"
+    sub_configs_defaults: ClassVar[dict[str, SubConfigSpec]] = {
+        "encoder": SubConfigSpec(config_class=AutoConfig, model_type="bert")
+    }
+
+    encoder: PreTrainedConfig | dict | None = None
     pooling_heads: int = 1
     context_layers: int = 2
     context_heads: int = 4
@@ -51,6 +58,10 @@ class SummarizerConfig:
     position_features: bool = False
     # Chunks per encoder pass at inference, to bound memory on very long inputs.
     chunks_per_pass: int = 32
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder.hidden_size)
 
 
 @dataclass
@@ -247,13 +258,20 @@ def relative_position_features(unit_mask: torch.Tensor) -> torch.Tensor:
     return features * unit_mask[..., None]
 
 
-class ExtractiveSummarizer(nn.Module):
-    """Chunked encoder → per-unit attention pooling → unit-level transformer → linear score."""
+class ExtractiveSummarizer(SupportLensPreTrainedModel):
+    """Chunked encoder → per-unit attention pooling → unit-level transformer → linear score.
 
-    def __init__(self, config: SummarizerConfig, encoder: nn.Module):
-        super().__init__()
-        self.config = config
-        self.encoder = encoder
+    ``ExtractiveSummarizer(config, encoder)`` wraps a loaded encoder (training);
+    ``ExtractiveSummarizer(config)`` builds one from ``config.encoder`` (loading).
+    """
+
+    config_class = SummarizerConfig
+
+    def __init__(self, config: SummarizerConfig, encoder: PreTrainedModel | None = None):
+        if encoder is not None:
+            config.encoder = encoder.config
+        super().__init__(config)
+        self.encoder = self._attach_encoder(encoder)
         hidden = config.hidden_size
         self.pooling = MaskedAttentionPooling(
             PoolingConfig(hidden_size=hidden, num_heads=config.pooling_heads)
@@ -281,6 +299,7 @@ class ExtractiveSummarizer(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(hidden, 1)
+        self.post_init()
 
     def encode_chunks(
         self,
@@ -317,6 +336,7 @@ class ExtractiveSummarizer(nn.Module):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_pooling_weights: bool = False,
+        **kwargs,
     ) -> SummarizerOutput:
         states = self.encode_chunks(input_ids, attention_mask, token_type_ids)  # (C, L, H)
         batch, units, tokens = unit_token_index.shape

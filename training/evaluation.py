@@ -13,9 +13,9 @@ out-of-scope.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
 
-from training.recipe import atomic_write_text
+from models.files import atomic_write_bytes, atomic_write_text
 
 ECE_BINS = 15
 OOS_COVERAGE = 0.99
@@ -124,8 +124,10 @@ def evaluate(
     label_names: list[str],
     temperature: float,
     oos_threshold: float,
+    oos_coverage: float = OOS_COVERAGE,
 ) -> dict[str, Any]:
-    """Everything the report holds, for one split's logits and true labels."""
+    """Everything the report holds, for one split's logits and true labels; ``oos_coverage``
+    is the validation coverage the threshold was chosen for (recorded as such)."""
     labels = np.asarray(labels)
     raw = softmax(logits)
     calibrated = softmax(logits, temperature)
@@ -142,6 +144,7 @@ def evaluate(
             "nll_before": negative_log_likelihood(logits, labels),
             "nll_after": negative_log_likelihood(logits, labels, temperature),
             "oos_threshold": oos_threshold,
+            "oos_coverage": oos_coverage,
             # All evaluation messages are in scope, so these show what the threshold costs.
             "oos_rejected_rate": float(below.mean()),
             "accuracy_when_accepted": float(correct[kept].mean()) if kept.any() else 0.0,
@@ -173,15 +176,12 @@ def plot_confusion_matrix(matrix: list[list[int]], label_names: list[str], path:
     ax.set_title("Confusion matrix (row-normalised)")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    buffer = io.BytesIO()
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        fig.savefig(buffer, format="png", dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -208,7 +208,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         "Temperature scaling: one temperature T fitted on the validation split by "
         "minimising the NLL of softmax(logits / T).",
         f"Out-of-scope rule: the threshold is the largest calibrated confidence that keeps at "
-        f"least {100 * OOS_COVERAGE:.0f}% of the correctly classified validation messages; "
+        f"least {100 * m.get('oos_coverage', OOS_COVERAGE):g}% of the correctly classified validation messages; "
         "a prediction under it is returned as out-of-scope.",
         "",
         "## Per intent",

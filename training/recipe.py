@@ -1,4 +1,4 @@
-"""YAML recipes with command-line overrides, resolved-config saving and atomic writes.
+"""YAML recipes with command-line overrides and resolved-config saving.
 
 A training script's arguments are dataclasses parsed by ``transformers.HfArgumentParser``.
 A recipe is a YAML mapping of the same ``key: value`` pairs; it is turned into
@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+
+from models.files import atomic_write_text
 
 
 class RecipeError(ValueError):
@@ -116,19 +117,6 @@ def resolved_config(*instances: Any) -> dict[str, Any]:
                 else str(value)
             )
     return config
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary sibling and rename it over ``path`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def write_yaml(path: str | os.PathLike, data: dict[str, Any]) -> Path:

@@ -1,26 +1,60 @@
-"""What every training script shares: the common Trainer arguments, resuming,
-library versions for the bundle, and the CLI's error handling."""
+"""The training run both task scripts share: parse → data → model → Trainer →
+evaluate/calibrate → report → bundle, with resuming that never loses work.
+
+A task script (``train_intent``, ``train_summarizer``) subclasses :class:`TrainingTask`
+with only what is its own: its argument dataclasses, data, model, Trainer inputs,
+evaluation and report. :func:`run` is the one ``main()`` they both go through.
+
+Resuming: ``--resume true`` continues from the last *complete* checkpoint in
+``output_dir`` (see :func:`checkpoint_is_complete`) or starts afresh when there is none,
+so a restarted Kubernetes Job always makes progress; incomplete checkpoints (a kill
+while the Trainer was writing one) and temporaries of an interrupted bundle write are
+deleted first. ``--resume_from_checkpoint DIR`` resumes from that checkpoint, which must
+be complete, and is refused otherwise.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
+import re
+import shutil
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 import torch
 import transformers
-from transformers import EarlyStoppingCallback, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import is_torch_bf16_gpu_available
+from transformers import (
+    EarlyStoppingCallback,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import (
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    is_torch_bf16_gpu_available,
+)
 
-from models.bundle import BundleError
+from models.backbone import load_backbone
+from models.bundle import BundleError, save_bundle
+from models.files import remove_stale_temporaries
 from training.data import DataError
-from training.recipe import RecipeError
+from training.recipe import RecipeError, parse_recipe_and_overrides, resolved_config, write_yaml
+
+logger = logging.getLogger("training.run")
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def bf16_default() -> bool:
@@ -38,7 +72,11 @@ class RunArguments(TrainingArguments):
 
     name: str = field(default="model", metadata={"help": "Bundle name."})
     resume: bool = field(
-        default=False, metadata={"help": "Continue from the last checkpoint in output_dir."}
+        default=False,
+        metadata={
+            "help": "Continue from the last complete checkpoint in output_dir (a fresh start "
+            "when there is none)."
+        },
     )
     early_stopping_patience: int = field(
         default=2,
@@ -67,16 +105,74 @@ def early_stopping(args: RunArguments) -> list[TrainerCallback]:
     return []
 
 
+# -- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoint_is_complete(directory: Path, save_only_model: bool = False) -> bool:
+    """Whether the Trainer finished writing this checkpoint.
+
+    The Trainer writes the weights, then optimizer, scheduler and RNG state, and
+    ``trainer_state.json`` last; a checkpoint is complete when that file parses and names
+    the checkpoint's own step, and the files written before it are there (the weights,
+    which the Trainer itself requires to resume, and the optimizer and scheduler).
+    """
+    match = _CHECKPOINT.match(directory.name)
+    if match is None or not directory.is_dir():
+        return False
+    try:
+        state = json.loads((directory / TRAINER_STATE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(state, dict) or state.get("global_step") != int(match.group(1)):
+        return False
+    weights = (directory / SAFE_WEIGHTS_NAME).is_file() or (
+        directory / SAFE_WEIGHTS_INDEX_NAME
+    ).is_file()
+    optimizer = save_only_model or all(
+        (directory / name).is_file() for name in ("optimizer.pt", "scheduler.pt")
+    )
+    return weights and optimizer
+
+
+def last_complete_checkpoint(output_dir: Path, save_only_model: bool = False) -> Path | None:
+    """The highest-step complete checkpoint; incomplete ones are deleted on the way."""
+    if not output_dir.is_dir():
+        return None
+    found = sorted(
+        (int(m.group(1)), p)
+        for p in output_dir.iterdir()
+        if (m := _CHECKPOINT.match(p.name)) and p.is_dir() and not p.is_symlink()
+    )
+    last = None
+    for _, checkpoint in found:
+        if checkpoint_is_complete(checkpoint, save_only_model):
+            last = checkpoint
+        else:
+            logger.warning("deleting incomplete checkpoint %s (interrupted write)", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return last
+
+
 def resume_checkpoint(args: RunArguments) -> str | None:
-    """The checkpoint ``--resume`` continues from (None without ``--resume``)."""
+    """The checkpoint this run continues from: ``--resume_from_checkpoint`` (must be
+    complete), else with ``--resume`` the last complete one in ``output_dir``, else None."""
+    if args.resume_from_checkpoint:
+        explicit = Path(args.resume_from_checkpoint)
+        if not checkpoint_is_complete(explicit, args.save_only_model):
+            raise RecipeError(
+                f"--resume_from_checkpoint {explicit}: not a complete Trainer checkpoint "
+                f"(a {PREFIX_CHECKPOINT_DIR}-N directory with weights, optimizer and {TRAINER_STATE})"
+            )
+        logger.info("resuming from %s", explicit)
+        return str(explicit)
     if not args.resume:
         return None
-    output_dir = Path(args.output_dir)
-    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    checkpoint = last_complete_checkpoint(Path(args.output_dir), args.save_only_model)
     if checkpoint is None:
-        raise RecipeError(f"--resume: no checkpoint-* directory in {output_dir}")
-    logging.getLogger(__name__).info("resuming from %s", checkpoint)
-    return checkpoint
+        logger.info("--resume: no complete checkpoint in %s, starting afresh", args.output_dir)
+        return None
+    logger.info("resuming from %s", checkpoint)
+    return str(checkpoint)
 
 
 def versions() -> dict[str, str]:
@@ -87,6 +183,154 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "datasets": datasets.__version__,
     }
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """What a task's evaluation hands to the report and the bundle."""
+
+    metrics: dict[str, Any]
+    split: str
+    labels: list[str] | None = None
+    calibration: dict[str, Any] | None = None
+    bundle_metrics: dict[str, Any] | None = None  # default: ``metrics``
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    bundle: Path
+    report: dict[str, Any]
+    wall_time_s: float
+    train_time_s: float
+    model: PreTrainedModel
+
+
+class TrainingTask:
+    """A task's own parts of a training run; :func:`run` calls them in order."""
+
+    task: ClassVar[str]
+    prog: ClassVar[str]
+    argument_types: ClassVar[tuple[type, type, type]]
+
+    def __init__(self, data_args: Any, model_args: Any, args: RunArguments):
+        self.data_args, self.model_args, self.args = data_args, model_args, args
+
+    def check(self) -> None:
+        """Reject argument values the libraries would only fail on deep inside training."""
+
+    def load_data(self) -> None:
+        """Read and split the data (before the backbone loads, so bad data fails fast)."""
+        raise NotImplementedError
+
+    def build_model(self, encoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+        raise NotImplementedError
+
+    def trainer_inputs(self, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+        """``train_dataset``, ``eval_dataset``, ``compute_metrics`` (and a collator if needed)."""
+        raise NotImplementedError
+
+    def evaluate(self, trainer: Trainer) -> Evaluation:
+        raise NotImplementedError
+
+    def training_info(self) -> dict[str, Any]:
+        """Task-specific entries of ``training.json``."""
+        return {}
+
+    def write_report(self, report: dict[str, Any], output_dir: Path) -> None:
+        raise NotImplementedError
+
+
+def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainResult:
+    """Parse, train (resuming when asked), evaluate, report and write the bundle."""
+    (data_args, model_args, args), recipe = parse_recipe_and_overrides(
+        task_type.argument_types, argv, prog=task_type.prog
+    )
+    task = task_type(data_args, model_args, args)
+    task.check()
+    started = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    set_seed(args.seed)
+    remove_stale_temporaries(output_dir / "bundle")  # what a killed bundle write left
+    checkpoint = resume_checkpoint(args)
+
+    # Data and model
+    task.load_data()
+    try:
+        encoder, tokenizer = load_backbone(model_args.backbone)
+    except ValueError as exc:
+        raise RecipeError(str(exc)) from exc
+    model = task.build_model(encoder, tokenizer)
+
+    # Training
+    trainer = Trainer(
+        model=model,
+        args=args,
+        processing_class=tokenizer,
+        callbacks=early_stopping(args),
+        **task.trainer_inputs(tokenizer),
+    )
+    train_started = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_time = time.perf_counter() - train_started
+
+    # Evaluation, report, bundle
+    evaluation = task.evaluate(trainer)
+    wall_time = time.perf_counter() - started
+    training_info = {
+        "name": args.name,
+        "backbone": model_args.backbone,
+        "max_length": data_args.max_length,
+        **task.training_info(),
+        "recipe": str(recipe) if recipe else None,
+        "seed": args.seed,
+        "epochs": trainer.state.epoch,
+        "global_step": trainer.state.global_step,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "resumed_from": checkpoint,
+        "device": str(args.device),
+        "bf16": args.bf16,
+        "train_time_s": round(train_time, 1),
+        "wall_time_s": round(wall_time, 1),
+        "versions": versions(),
+    }
+    report = {
+        "name": args.name,
+        "backbone": model_args.backbone,
+        "split": evaluation.split,
+        "metrics": evaluation.metrics,
+        "training": training_info,
+    }
+    task.write_report(report, output_dir)
+    resolved = resolved_config(data_args, model_args, args)
+    resolved["resume"] = False  # feeding the file back as a recipe should start a fresh run
+    resolved["resume_from_checkpoint"] = None
+    write_yaml(output_dir / "resolved_config.yaml", resolved)
+    bundle = save_bundle(
+        output_dir / "bundle",
+        trainer.model,
+        tokenizer,
+        task=task.task,
+        labels=evaluation.labels,
+        calibration=evaluation.calibration,
+        training=training_info,
+        metrics=evaluation.metrics
+        if evaluation.bundle_metrics is None
+        else evaluation.bundle_metrics,
+        extra_files={"resolved_config.json": resolved},
+    )
+    logger.info("%s: bundle at %s", task.task, bundle)
+    return TrainResult(
+        bundle=bundle,
+        report=report,
+        wall_time_s=wall_time,
+        train_time_s=train_time,
+        model=trainer.model,
+    )
 
 
 def run_cli(train: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:

@@ -19,22 +19,15 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
-from transformers import (
-    DataCollatorWithPadding,
-    EvalPrediction,
-    Trainer,
-    set_seed,
-)
+from transformers import EvalPrediction, Trainer
 
-from models.backbone import DEFAULT_BACKBONE, load_backbone
-from models.bundle import save_bundle
+from models.backbone import DEFAULT_BACKBONE
 from models.classifier import ClassifierConfig, IntentClassifier
 from training.data import load_intent_data, tokenize_splits
 from training.evaluation import (
@@ -45,8 +38,8 @@ from training.evaluation import (
     write_report,
 )
 from training.evaluation import softmax as calibrated_softmax
-from training.recipe import RecipeError, parse_recipe_and_overrides, resolved_config, write_yaml
-from training.run import RunArguments, early_stopping, resume_checkpoint, run_cli, versions
+from training.recipe import RecipeError
+from training.run import Evaluation, RunArguments, TrainingTask, TrainResult, run, run_cli
 
 logger = logging.getLogger("training.train_intent")
 TASK = "intent-classification"
@@ -103,16 +96,6 @@ class IntentTrainingArguments(RunArguments):
     per_device_eval_batch_size: int = field(default=64)
 
 
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    bundle: Path
-    report: dict[str, Any]
-    wall_time_s: float
-    model: IntentClassifier
-
-
 def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     """Accuracy and macro-F1 for Trainer's evaluation loop (early stopping uses macro-F1)."""
     predicted = np.asarray(prediction.predictions).argmax(axis=-1)
@@ -133,131 +116,106 @@ def check_arguments(data_args: DataArguments, args: IntentTrainingArguments) -> 
         raise RecipeError(f"oos_coverage must be in (0, 1], got {args.oos_coverage}")
 
 
+class IntentTask(TrainingTask):
+    """The intent classifier's parts of the shared run (see :mod:`training.run`)."""
+
+    task = TASK
+    prog = "train_intent"
+    argument_types = (DataArguments, ModelArguments, IntentTrainingArguments)
+
+    def check(self) -> None:
+        check_arguments(self.data_args, self.args)
+
+    def load_data(self) -> None:
+        d = self.data_args
+        self.data = load_intent_data(
+            d.train_file,
+            d.validation_file,
+            d.test_file,
+            dataset_name=d.dataset_name,
+            dataset_config=d.dataset_config,
+            text_column=d.text_column,
+            label_column=d.label_column,
+            validation_size=d.validation_size,
+            seed=self.args.seed,
+        )
+
+    def build_model(self, encoder, tokenizer) -> IntentClassifier:
+        m = self.model_args
+        config = ClassifierConfig(
+            id2label=dict(enumerate(self.data.labels)),
+            label2id={label: i for i, label in enumerate(self.data.labels)},
+            pooling_heads=m.pooling_heads,
+            dropout=m.dropout,
+            label_smoothing=m.label_smoothing,
+            special_token_ids=sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}),
+        )
+        return IntentClassifier(config, encoder)
+
+    def trainer_inputs(self, tokenizer) -> dict[str, Any]:
+        self.tokenized = tokenize_splits(self.data.splits, tokenizer, self.data_args.max_length)
+        return {
+            "train_dataset": self.tokenized["train"],
+            "eval_dataset": self.tokenized["validation"],
+            "compute_metrics": compute_metrics,
+        }
+
+    def evaluate(self, trainer: Trainer) -> Evaluation:
+        """Temperature and out-of-scope threshold fitted on validation; metrics on test
+        (or validation when there is no test split)."""
+        validation = trainer.predict(self.tokenized["validation"])
+        temperature = fit_temperature(validation.predictions, validation.label_ids)
+        coverage = self.args.oos_coverage
+        threshold = choose_oos_threshold(
+            calibrated_softmax(validation.predictions, temperature), validation.label_ids, coverage
+        )
+        split = "test" if "test" in self.tokenized else "validation"
+        evaluated = trainer.predict(self.tokenized[split]) if split == "test" else validation
+        metrics = evaluate(
+            evaluated.predictions,
+            evaluated.label_ids,
+            self.data.labels,
+            temperature,
+            threshold,
+            coverage,
+        )
+        logger.info(
+            "%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f",
+            split,
+            metrics["accuracy"],
+            metrics["macro_f1"],
+            metrics["ece_before"],
+            metrics["ece_after"],
+        )
+        return Evaluation(
+            metrics=metrics,
+            split=split,
+            labels=self.data.labels,
+            calibration={"temperature": temperature, "oos_threshold": threshold},
+            bundle_metrics={k: v for k, v in metrics.items() if k != "confusion_matrix"},
+        )
+
+    def training_info(self) -> dict[str, Any]:
+        d = self.data_args
+        return {
+            "data": {
+                "train_file": d.train_file,
+                "validation_file": d.validation_file,
+                "test_file": d.test_file,
+                "dataset_name": d.dataset_name,
+                "examples": {name: len(ds) for name, ds in self.data.splits.items()},
+                "skipped_empty_texts": self.data.skipped,
+            },
+            "oos_coverage": self.args.oos_coverage,
+        }
+
+    def write_report(self, report: dict[str, Any], output_dir: Path) -> None:
+        write_report(report, self.data.labels, output_dir / "report")
+
+
 def train(argv: list[str] | None = None) -> TrainResult:
     """Parse arguments, fine-tune, calibrate, evaluate and save; see the module docstring."""
-    (data_args, model_args, args), recipe = parse_recipe_and_overrides(
-        (DataArguments, ModelArguments, IntentTrainingArguments), argv, prog="train_intent"
-    )
-    check_arguments(data_args, args)
-    started = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    set_seed(args.seed)
-
-    # Data
-    data = load_intent_data(
-        data_args.train_file,
-        data_args.validation_file,
-        data_args.test_file,
-        dataset_name=data_args.dataset_name,
-        dataset_config=data_args.dataset_config,
-        text_column=data_args.text_column,
-        label_column=data_args.label_column,
-        validation_size=data_args.validation_size,
-        seed=args.seed,
-    )
-    try:
-        encoder, tokenizer = load_backbone(model_args.backbone)
-    except ValueError as exc:
-        raise RecipeError(str(exc)) from exc
-    tokenized = tokenize_splits(data.splits, tokenizer, data_args.max_length)
-
-    # Model
-    config = ClassifierConfig(
-        num_labels=len(data.labels),
-        hidden_size=encoder.config.hidden_size,
-        pooling_heads=model_args.pooling_heads,
-        dropout=model_args.dropout,
-        label_smoothing=model_args.label_smoothing,
-        special_token_ids=sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}),
-    )
-    model = IntentClassifier(config, encoder)
-
-    # Training
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
-        # No processing_class: Trainer would try to align special tokens with
-        # ``model.config``, which our dataclass config does not support; the bundle
-        # saves the tokenizer instead of the checkpoints.
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
-        callbacks=early_stopping(args),
-    )
-    checkpoint = resume_checkpoint(args)
-    trainer.train(resume_from_checkpoint=checkpoint)
-
-    # Calibration on validation, report on test (or validation)
-    validation = trainer.predict(tokenized["validation"])
-    temperature = fit_temperature(validation.predictions, validation.label_ids)
-    threshold = choose_oos_threshold(
-        calibrated_softmax(validation.predictions, temperature),
-        validation.label_ids,
-        args.oos_coverage,
-    )
-    split = "test" if "test" in tokenized else "validation"
-    evaluated = trainer.predict(tokenized[split]) if split == "test" else validation
-    metrics = evaluate(
-        evaluated.predictions, evaluated.label_ids, data.labels, temperature, threshold
-    )
-    wall_time = time.perf_counter() - started
-    training_info = {
-        "name": args.name,
-        "backbone": model_args.backbone,
-        "max_length": data_args.max_length,
-        "recipe": str(recipe) if recipe else None,
-        "data": {
-            "train_file": data_args.train_file,
-            "validation_file": data_args.validation_file,
-            "test_file": data_args.test_file,
-            "dataset_name": data_args.dataset_name,
-            "examples": {name: len(ds) for name, ds in data.splits.items()},
-            "skipped_empty_texts": data.skipped,
-        },
-        "seed": args.seed,
-        "epochs": trainer.state.epoch,
-        "global_step": trainer.state.global_step,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "resumed_from": checkpoint,
-        "device": str(args.device),
-        "bf16": args.bf16,
-        "wall_time_s": round(wall_time, 1),
-        "versions": versions(),
-    }
-    report = {
-        "name": args.name,
-        "backbone": model_args.backbone,
-        "split": split,
-        "metrics": metrics,
-        "training": training_info,
-    }
-    write_report(report, data.labels, output_dir / "report")
-    resolved = resolved_config(data_args, model_args, args)
-    resolved["resume"] = False  # feeding the file back as a recipe should start a fresh run
-    write_yaml(output_dir / "resolved_config.yaml", resolved)
-    bundle_metrics = {k: v for k, v in metrics.items() if k != "confusion_matrix"}
-    bundle = save_bundle(
-        output_dir / "bundle",
-        trainer.model,
-        tokenizer,
-        task=TASK,
-        labels=data.labels,
-        calibration={"temperature": temperature, "oos_threshold": threshold},
-        training=training_info,
-        metrics=bundle_metrics,
-        extra_files={"resolved_config.json": resolved},
-    )
-    logger.info(
-        "%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f; bundle at %s",
-        split,
-        metrics["accuracy"],
-        metrics["macro_f1"],
-        metrics["ece_before"],
-        metrics["ece_after"],
-        bundle,
-    )
-    return TrainResult(bundle=bundle, report=report, wall_time_s=wall_time, model=trainer.model)
+    return run(IntentTask, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,22 +35,16 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-from transformers import EvalPrediction, Trainer, set_seed
+from transformers import EvalPrediction, Trainer
 
-from models.backbone import DEFAULT_BACKBONE, load_backbone
-from models.bundle import save_bundle
+from models.backbone import DEFAULT_BACKBONE
+from models.files import atomic_write_text
 from models.segmentation import UNIT_KINDS
 from models.summarizer import ExtractiveSummarizer, SummarizerConfig, encode_conversations
 from models.summary_predictor import budget_size, join_units, select_units
 from training.data import DataError
-from training.recipe import (
-    RecipeError,
-    atomic_write_text,
-    parse_recipe_and_overrides,
-    resolved_config,
-    write_yaml,
-)
-from training.run import RunArguments, early_stopping, resume_checkpoint, run_cli, versions
+from training.recipe import RecipeError
+from training.run import Evaluation, RunArguments, TrainingTask, TrainResult, run, run_cli
 from training.summarization_data import (
     label_units,
     lead_summaries,
@@ -206,16 +199,6 @@ def rouge_metrics(dataset: datasets.Dataset, max_sentences: int):
     return compute
 
 
-@dataclass
-class TrainResult:
-    """What a finished run produced."""
-
-    bundle: Path
-    report: dict[str, Any]
-    wall_time_s: float
-    train_time_s: float
-
-
 TARGET_COLUMNS = {"oracle": "unit_labels", "rouge": "unit_targets"}
 
 
@@ -266,150 +249,117 @@ def load_splits(data_args: DataArguments, seed: int) -> tuple[dict[str, datasets
     return splits, skipped
 
 
+class SummarizerTask(TrainingTask):
+    """The summarizer's parts of the shared run (see :mod:`training.run`)."""
+
+    task = TASK
+    prog = "train_summarizer"
+    argument_types = (DataArguments, ModelArguments, SummarizerTrainingArguments)
+
+    def check(self) -> None:
+        if self.data_args.units not in UNIT_KINDS:
+            raise RecipeError(
+                f"units must be one of {list(UNIT_KINDS)}, got {self.data_args.units!r}"
+            )
+        if self.data_args.targets not in TARGET_COLUMNS:
+            raise RecipeError(
+                f"targets must be one of {list(TARGET_COLUMNS)}, got {self.data_args.targets!r}"
+            )
+
+    def load_data(self) -> None:
+        self.splits, self.skipped = load_splits(self.data_args, self.args.seed)
+
+    def build_model(self, encoder, tokenizer) -> ExtractiveSummarizer:
+        d, m = self.data_args, self.model_args
+        limit = getattr(encoder.config, "max_position_embeddings", None) or d.max_length
+        if d.max_length > limit:
+            raise RecipeError(f"max_length {d.max_length} exceeds the encoder's limit {limit}")
+        labels = [x for row in self.splits["train"]["unit_labels"] for x in row]
+        positives = max(1, sum(labels))
+        default_weight = (len(labels) - positives) / positives if d.targets == "oracle" else 1
+        config = SummarizerConfig(
+            pooling_heads=m.pooling_heads,
+            context_layers=m.context_layers,
+            context_heads=m.context_heads,
+            context_feedforward=m.context_feedforward,
+            dropout=m.dropout,
+            pos_weight=round(float(m.pos_weight or default_weight), 4),
+            loss=m.loss,
+            listwise_temperature=m.listwise_temperature,
+            position_features=m.position_features,
+        )
+        try:
+            model = ExtractiveSummarizer(config, encoder)
+        except ValueError as exc:
+            raise RecipeError(str(exc)) from exc
+        self.frozen = freeze_encoder(encoder, m.freeze_encoder_layers)
+        return model
+
+    def trainer_inputs(self, tokenizer) -> dict[str, Any]:
+        d = self.data_args
+        return {
+            "train_dataset": self.splits["train"],
+            "eval_dataset": self.splits["validation"],
+            "data_collator": ConversationCollator(
+                tokenizer, d.max_length, d.chunk_overlap, targets=TARGET_COLUMNS[d.targets]
+            ),
+            "compute_metrics": rouge_metrics(self.splits["validation"], d.max_sentences),
+        }
+
+    def evaluate(self, trainer: Trainer) -> Evaluation:
+        """The model beside LEAD-3 and the oracle, on the test split (else validation)."""
+        d = self.data_args
+        split = "test" if "test" in self.splits else "validation"
+        evaluated = self.splits[split]
+        # compute_metrics is bound to the validation split; the test split is scored here.
+        trainer.compute_metrics = None
+        logits = trainer.predict(evaluated).predictions
+        metrics = {
+            "split": split,
+            "conversations": len(evaluated),
+            "max_sentences": d.max_sentences,
+            "model": rouge_f1(
+                predicted_summaries(logits, evaluated, d.max_sentences), evaluated["summary"]
+            ),
+            "lead3": rouge_f1(lead_summaries(evaluated, 3), evaluated["summary"]),
+            "oracle": rouge_f1(oracle_summaries(evaluated, d.oracle_units), evaluated["summary"]),
+        }
+        logger.info(
+            "%s ROUGE-1/2/L: model %s, LEAD-3 %s, oracle %s",
+            split,
+            "/".join(str(v) for v in metrics["model"].values()),
+            "/".join(str(v) for v in metrics["lead3"].values()),
+            "/".join(str(v) for v in metrics["oracle"].values()),
+        )
+        return Evaluation(metrics=metrics, split=split)
+
+    def training_info(self) -> dict[str, Any]:
+        d, m = self.data_args, self.model_args
+        return {
+            "chunk_overlap": d.chunk_overlap,
+            "units": d.units,
+            "max_sentences": d.max_sentences,
+            "oracle_units": d.oracle_units,
+            "targets": d.targets,
+            "loss": m.loss,
+            "position_features": m.position_features,
+            "frozen_encoder_layers": self.frozen,
+            "data": {
+                "train_file": d.train_file,
+                "validation_file": d.validation_file,
+                "test_file": d.test_file,
+                "examples": {name: len(ds) for name, ds in self.splits.items()},
+                "skipped_empty_conversations": self.skipped,
+            },
+        }
+
+    def write_report(self, report: dict[str, Any], output_dir: Path) -> None:
+        atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
+
+
 def train(argv: list[str] | None = None) -> TrainResult:
     """Parse arguments, label, fine-tune, evaluate and save; see the module docstring."""
-    (data_args, model_args, args), recipe = parse_recipe_and_overrides(
-        (DataArguments, ModelArguments, SummarizerTrainingArguments), argv, prog="train_summarizer"
-    )
-    started = time.perf_counter()
-    output_dir = Path(args.output_dir)
-    set_seed(args.seed)
-    if data_args.units not in UNIT_KINDS:
-        raise RecipeError(f"units must be one of {list(UNIT_KINDS)}, got {data_args.units!r}")
-    if data_args.targets not in TARGET_COLUMNS:
-        raise RecipeError(
-            f"targets must be one of {list(TARGET_COLUMNS)}, got {data_args.targets!r}"
-        )
-
-    # Data
-    splits, skipped = load_splits(data_args, args.seed)
-    try:
-        encoder, tokenizer = load_backbone(model_args.backbone)
-    except ValueError as exc:
-        raise RecipeError(str(exc)) from exc
-    limit = getattr(encoder.config, "max_position_embeddings", None) or data_args.max_length
-    if data_args.max_length > limit:
-        raise RecipeError(f"max_length {data_args.max_length} exceeds the encoder's limit {limit}")
-    labels = [x for row in splits["train"]["unit_labels"] for x in row]
-    positives = max(1, sum(labels))
-    default_weight = (len(labels) - positives) / positives if data_args.targets == "oracle" else 1
-    pos_weight = model_args.pos_weight or default_weight
-
-    # Model
-    config = SummarizerConfig(
-        hidden_size=encoder.config.hidden_size,
-        pooling_heads=model_args.pooling_heads,
-        context_layers=model_args.context_layers,
-        context_heads=model_args.context_heads,
-        context_feedforward=model_args.context_feedforward,
-        dropout=model_args.dropout,
-        pos_weight=round(float(pos_weight), 4),
-        loss=model_args.loss,
-        listwise_temperature=model_args.listwise_temperature,
-        position_features=model_args.position_features,
-    )
-    try:
-        model = ExtractiveSummarizer(config, encoder)
-    except ValueError as exc:
-        raise RecipeError(str(exc)) from exc
-    frozen = freeze_encoder(encoder, model_args.freeze_encoder_layers)
-
-    # Training
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
-        # No processing_class: Trainer would try to align special tokens with
-        # ``model.config``, which our dataclass config does not support; the bundle
-        # saves the tokenizer instead of the checkpoints.
-        data_collator=ConversationCollator(
-            tokenizer,
-            data_args.max_length,
-            data_args.chunk_overlap,
-            targets=TARGET_COLUMNS[data_args.targets],
-        ),
-        compute_metrics=rouge_metrics(splits["validation"], data_args.max_sentences),
-        callbacks=early_stopping(args),
-    )
-    checkpoint = resume_checkpoint(args)
-    train_started = time.perf_counter()
-    trainer.train(resume_from_checkpoint=checkpoint)
-    train_time = time.perf_counter() - train_started
-
-    # Evaluation: the model beside LEAD-3 and the oracle on the same split
-    split = "test" if "test" in splits else "validation"
-    evaluated = splits[split]
-    # compute_metrics is bound to the validation split; the test split is scored below.
-    trainer.compute_metrics = None
-    logits = trainer.predict(evaluated).predictions
-    metrics = {
-        "split": split,
-        "conversations": len(evaluated),
-        "max_sentences": data_args.max_sentences,
-        "model": rouge_f1(
-            predicted_summaries(logits, evaluated, data_args.max_sentences), evaluated["summary"]
-        ),
-        "lead3": rouge_f1(lead_summaries(evaluated, 3), evaluated["summary"]),
-        "oracle": rouge_f1(
-            oracle_summaries(evaluated, data_args.oracle_units), evaluated["summary"]
-        ),
-    }
-    wall_time = time.perf_counter() - started
-    training_info = {
-        "name": args.name,
-        "backbone": model_args.backbone,
-        "max_length": data_args.max_length,
-        "chunk_overlap": data_args.chunk_overlap,
-        "units": data_args.units,
-        "max_sentences": data_args.max_sentences,
-        "oracle_units": data_args.oracle_units,
-        "targets": data_args.targets,
-        "loss": model_args.loss,
-        "position_features": model_args.position_features,
-        "frozen_encoder_layers": frozen,
-        "recipe": str(recipe) if recipe else None,
-        "data": {
-            "train_file": data_args.train_file,
-            "validation_file": data_args.validation_file,
-            "test_file": data_args.test_file,
-            "examples": {name: len(ds) for name, ds in splits.items()},
-            "skipped_empty_conversations": skipped,
-        },
-        "seed": args.seed,
-        "epochs": trainer.state.epoch,
-        "global_step": trainer.state.global_step,
-        "best_checkpoint": trainer.state.best_model_checkpoint,
-        "resumed_from": checkpoint,
-        "device": str(args.device),
-        "bf16": args.bf16,
-        "train_time_s": round(train_time, 1),
-        "wall_time_s": round(wall_time, 1),
-        "versions": versions(),
-    }
-    report = {"name": args.name, "metrics": metrics, "training": training_info}
-    atomic_write_text(output_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    resolved = resolved_config(data_args, model_args, args)
-    resolved["resume"] = False  # feeding the file back as a recipe should start a fresh run
-    write_yaml(output_dir / "resolved_config.yaml", resolved)
-    bundle = save_bundle(
-        output_dir / "bundle",
-        trainer.model,
-        tokenizer,
-        task=TASK,
-        training=training_info,
-        metrics=metrics,
-        extra_files={"resolved_config.json": resolved},
-    )
-    logger.info(
-        "%s ROUGE-1/2/L: model %s, LEAD-3 %s, oracle %s; bundle at %s",
-        split,
-        "/".join(str(v) for v in metrics["model"].values()),
-        "/".join(str(v) for v in metrics["lead3"].values()),
-        "/".join(str(v) for v in metrics["oracle"].values()),
-        bundle,
-    )
-    return TrainResult(bundle=bundle, report=report, wall_time_s=wall_time, train_time_s=train_time)
+    return run(SummarizerTask, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,6 @@ def build_tiny_bundles(directory: Path, backbone: Path) -> tuple[Path, Path]:
     classifier = IntentClassifier(
         ClassifierConfig(
             num_labels=len(INTENTS),
-            hidden_size=encoder.config.hidden_size,
             special_token_ids=tokenizer.all_special_ids,
         ),
         encoder,
@@ -52,7 +51,6 @@ def build_tiny_bundles(directory: Path, backbone: Path) -> tuple[Path, Path]:
     encoder, tokenizer = load_backbone(str(backbone))
     summarizer = ExtractiveSummarizer(
         SummarizerConfig(
-            hidden_size=encoder.config.hidden_size,
             context_layers=1,
             context_heads=2,
             context_feedforward=64,

@@ -26,9 +26,7 @@ def test_repeated_calls_release_graphs_and_memory(tiny_backbone):
 
 def _soak(tiny_backbone) -> None:
     encoder, tokenizer = load_backbone(str(tiny_backbone))
-    config = ClassifierConfig(
-        num_labels=3, hidden_size=32, special_token_ids=tokenizer.all_special_ids
-    )
+    config = ClassifierConfig(num_labels=3, special_token_ids=tokenizer.all_special_ids)
     explainer = Explainer(IntentClassifier(config, encoder), tokenizer, ig_steps=2)
     texts = ["card declined"]
 

@@ -1,24 +1,31 @@
+import hashlib
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+import models  # noqa: F401 - registers the model types with the Auto classes
 from models.backbone import load_backbone
-from models.bundle import BundleError, load_bundle, save_bundle
+from models.bundle import BUNDLE_FORMAT, BundleError, load_bundle, save_bundle, verify_bundle
 from models.classifier import ClassifierConfig, IntentClassifier
 from models.predictor import OUT_OF_SCOPE, IntentPredictor
+from models.summarizer import ExtractiveSummarizer, SummarizerConfig
 
 pytestmark = pytest.mark.unit
+LABELS = ["refund", "shipping", "login"]
+TEXTS = ["I want my money back", "parcel late", "cannot log in!!"]
 
 
 @pytest.fixture()
 def classifier(tiny_backbone):
     encoder, tokenizer = load_backbone(str(tiny_backbone))
     config = ClassifierConfig(
-        num_labels=3,
-        hidden_size=encoder.config.hidden_size,
-        pooling_heads=2,
-        special_token_ids=tokenizer.all_special_ids,
+        num_labels=3, pooling_heads=2, special_token_ids=tokenizer.all_special_ids
     )
     torch.manual_seed(0)
     return IntentClassifier(config, encoder).eval(), tokenizer
@@ -31,10 +38,45 @@ def _save(tmp_path, classifier, **kwargs):
         model,
         tokenizer,
         task="intent-classification",
-        labels=["refund", "shipping", "login"],
+        labels=LABELS,
         calibration={"temperature": 1.5, "oos_threshold": 0.2},
         **kwargs,
     )
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest(path: Path) -> dict:
+    return json.loads((path / "manifest.json").read_text())
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rewrite(path: Path, name: str, data: bytes) -> None:
+    """Replace a bundle file and re-sign it in the manifest (checksums alone then pass)."""
+    (path / name).write_bytes(data)
+    manifest = _manifest(path)
+    manifest["files"][name] = _sha(path / name)
+    _write_manifest(path, manifest)
+
+
+def _refusal(path, **kwargs) -> str:
+    """The one-line message of a refused bundle, the same from verify and load."""
+    with pytest.raises(BundleError) as verified:
+        verify_bundle(path, **kwargs)
+    with pytest.raises(BundleError) as loaded:
+        load_bundle(path, **kwargs)
+    message = str(verified.value)
+    assert message == str(loaded.value)
+    assert "\n" not in message
+    return message
+
+
+# -- the Hugging Face model and the round trip ---------------------------------------------
 
 
 def test_classifier_excludes_special_tokens_and_padding(classifier):
@@ -46,18 +88,84 @@ def test_classifier_excludes_special_tokens_and_padding(classifier):
     assert torch.allclose(out.pooling_weights.sum(-1), torch.ones(2, 2))
 
 
+def test_classifier_keeps_the_pretrained_encoder_it_wraps(tiny_backbone):
+    encoder, _ = load_backbone(str(tiny_backbone))
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    model = IntentClassifier(ClassifierConfig(num_labels=4), encoder)
+    for name, value in model.encoder.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert model.config.encoder is model.encoder.config
+
+
 def test_bundle_round_trip_gives_identical_predictions(tmp_path, classifier):
     path = _save(tmp_path, classifier)
     loaded = load_bundle(path, task="intent-classification")
-    texts = ["I want my money back", "parcel late", "cannot log in!!"]
     model, tokenizer = classifier
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.inference_mode():
         assert torch.equal(model(**batch).logits, loaded.model(**batch).logits)
-    predictions = IntentPredictor(loaded).predict(texts, top_k=2)
+    assert loaded.labels == LABELS
+    predictions = IntentPredictor(loaded).predict(TEXTS, top_k=2)
     assert [len(p.top_k) for p in predictions] == [2, 2, 2]
-    assert all(p.label in {"refund", "shipping", "login", OUT_OF_SCOPE} for p in predictions)
+    assert all(p.label in {*LABELS, OUT_OF_SCOPE} for p in predictions)
     assert not list(tmp_path.glob(".bundle.tmp-*"))
+
+
+def test_bundle_is_a_hugging_face_directory_with_identical_logits(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "supportlens-intent-classifier"
+    assert config["encoder"]["model_type"] == "bert"
+    assert config["id2label"] == {"0": "refund", "1": "shipping", "2": "login"}
+    assert _manifest(path)["format"] == BUNDLE_FORMAT == 2
+    assert not list(path.glob("*.bin")) and not list(path.glob("*.pt"))
+
+    loaded = load_bundle(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    assert isinstance(AutoConfig.from_pretrained(path), ClassifierConfig)
+    with torch.inference_mode():
+        expected = loaded.model(**batch).logits
+        for auto_class in (AutoModel, AutoModelForSequenceClassification):
+            model = auto_class.from_pretrained(path).eval()
+            assert isinstance(model, IntentClassifier)
+            print(
+                "DIFF",
+                (model(**batch).logits - expected).abs().max(),
+                model.training,
+                [m.training for m in model.modules()].count(True),
+            )
+            torch.testing.assert_close(model(**batch).logits, expected)
+
+
+def test_summarizer_bundle_loads_with_automodel(tmp_path, tiny_backbone):
+    from models.segmentation import segment
+    from models.summarizer import encode_conversations
+
+    encoder, tokenizer = load_backbone(str(tiny_backbone))
+    torch.manual_seed(0)
+    model = ExtractiveSummarizer(
+        SummarizerConfig(context_layers=1, context_heads=2, context_feedforward=64), encoder
+    ).eval()
+    path = save_bundle(tmp_path / "summarizer", model, tokenizer, task="extractive-summarization")
+    batch = encode_conversations(
+        tokenizer, [segment("Customer: hi there.\nAgent: hello, how can I help?")], max_length=32
+    ).tensors
+    with torch.inference_mode():
+        expected = load_bundle(path).model(**batch).logits
+        auto = AutoModel.from_pretrained(path).eval()
+        assert isinstance(auto, ExtractiveSummarizer)
+        assert torch.equal(auto(**batch).logits, expected)
+        torch.testing.assert_close(model(**batch).logits, expected)
+
+
+def test_bundle_loads_with_eager_attention_on_request(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    bundle = load_bundle(path, attn_implementation="eager")
+    assert bundle.model.encoder.config._attn_implementation == "eager"
+
+
+# -- checksums, formats, atomic writes ------------------------------------------------------
 
 
 def test_bundle_refuses_corrupt_weights(tmp_path, classifier):
@@ -66,28 +174,23 @@ def test_bundle_refuses_corrupt_weights(tmp_path, classifier):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match=r"checksum mismatch for model\.safetensors"):
-        load_bundle(path)
+    assert "checksum mismatch for model.safetensors" in _refusal(path)
 
 
-def test_bundle_refuses_missing_file_and_missing_dir(tmp_path, classifier):
+def test_bundle_refuses_missing_listed_file_and_missing_dir(tmp_path, classifier):
     path = _save(tmp_path, classifier)
-    (path / "labels.json").unlink()
-    with pytest.raises(BundleError, match=r"labels\.json is missing"):
-        load_bundle(path)
-    with pytest.raises(BundleError, match="does not exist"):
-        load_bundle(tmp_path / "nowhere")
+    (path / "calibration.json").unlink()
+    assert "calibration.json is missing" in _refusal(path)
+    assert "does not exist" in _refusal(tmp_path / "nowhere")
 
 
 def test_bundle_refuses_wrong_task_and_format(tmp_path, classifier):
     path = _save(tmp_path, classifier)
-    with pytest.raises(BundleError, match="expected 'extractive-summarization'"):
-        load_bundle(path, task="extractive-summarization")
-    manifest = json.loads((path / "manifest.json").read_text())
+    assert "expected 'extractive-summarization'" in _refusal(path, task="extractive-summarization")
+    manifest = _manifest(path)
     manifest["format"] = 99
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="format 99"):
-        load_bundle(path)
+    _write_manifest(path, manifest)
+    assert "format 99" in _refusal(path)
 
 
 def test_bundle_save_replaces_existing_atomically(tmp_path, classifier):
@@ -96,3 +199,188 @@ def test_bundle_save_replaces_existing_atomically(tmp_path, classifier):
     assert first == second
     assert json.loads((second / "metrics.json").read_text()) == {"accuracy": 0.9}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_bundle_save_clears_temporaries_of_an_interrupted_write(tmp_path, classifier):
+    stale = tmp_path / ".bundle.tmp-deadbeef"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    _save(tmp_path, classifier)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+# -- forged manifests -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("outside", ["../../../../etc/hostname", "/etc/hostname", "a/../../x"])
+def test_manifest_paths_outside_the_bundle_are_refused_without_naming_them(
+    tmp_path, classifier, outside
+):
+    path = _save(tmp_path, classifier)
+    target = Path("/etc/hostname")
+    manifest = _manifest(path)
+    # With the right checksum, as someone probing the machine would write it.
+    manifest["files"][outside] = _sha(target) if target.is_file() else "0" * 64
+    _write_manifest(path, manifest)
+    message = _refusal(path).replace(str(path), "BUNDLE")
+    assert "outside the bundle" in message
+    assert "hostname" not in message and "etc" not in message
+
+
+def test_manifest_wrong_checksum_of_outside_file_reveals_nothing(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    manifest = _manifest(path)
+    manifest["files"]["../secret.txt"] = "0" * 64
+    (tmp_path / "secret.txt").write_text("secret")
+    _write_manifest(path, manifest)
+    message = _refusal(path).replace(str(path), "BUNDLE")
+    assert "secret" not in message and "checksum" not in message
+
+
+def test_symlink_leaving_the_bundle_is_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    outside = tmp_path / "outside.json"
+    outside.write_text("{}")
+    (path / "metrics.json").unlink()
+    os.symlink(outside, path / "metrics.json")
+    manifest = _manifest(path)
+    manifest["files"]["metrics.json"] = _sha(outside)
+    _write_manifest(path, manifest)
+    message = _refusal(path).replace(str(path), "BUNDLE")
+    assert "metrics.json is a symbolic link leading out of the bundle" in message
+    assert "outside.json" not in message
+
+
+def test_unlisted_file_in_the_bundle_is_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    (path / "extra.py").write_text("print('hello')\n")
+    assert "extra.py is in the bundle but not in its manifest.json" in _refusal(path)
+
+
+@pytest.mark.parametrize(
+    ("files", "wanted"),
+    [(None, "got NoneType"), ([], "got list"), ({}, "got dict"), ("x", "got str")],
+)
+def test_manifest_with_unusable_files_entry_is_refused(tmp_path, classifier, files, wanted):
+    path = _save(tmp_path, classifier)
+    manifest = _manifest(path)
+    manifest["files"] = files
+    _write_manifest(path, manifest)
+    message = _refusal(path)
+    assert "'files' must map relative paths to SHA-256 checksums" in message and wanted in message
+
+
+@pytest.mark.parametrize("manifest", ["[1, 2]", "{not json", '{"format": 2}'])
+def test_manifest_that_is_not_a_manifest_is_refused(tmp_path, classifier, manifest):
+    path = _save(tmp_path, classifier)
+    (path / "manifest.json").write_text(manifest)
+    assert "manifest.json" in _refusal(path)
+
+
+# -- inconsistent bundles whose checksums pass ----------------------------------------------
+
+
+def test_labels_removed_from_the_config_are_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    config = json.loads((path / "config.json").read_text())
+    del config["id2label"]
+    _rewrite(path, "config.json", json.dumps(config).encode())
+    assert "inconsistent bundle" in _refusal(path)
+
+
+def test_labels_fewer_than_the_head_are_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    config = json.loads((path / "config.json").read_text())
+    config["id2label"] = {"0": "refund", "1": "shipping"}
+    config.pop("label2id", None)
+    _rewrite(path, "config.json", json.dumps(config).encode())
+    message = _refusal(path)
+    assert "model.safetensors has head.weight of shape [3, 64], config.json needs [2, 64]" in (
+        message
+    )
+
+
+def test_repeated_labels_are_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    config = json.loads((path / "config.json").read_text())
+    config["id2label"] = {"0": "refund", "1": "refund", "2": "login"}
+    config.pop("label2id", None)
+    _rewrite(path, "config.json", json.dumps(config).encode())
+    assert "empty or repeated labels" in _refusal(path)
+
+
+def test_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    weights = load_file(str(path / "model.safetensors"))
+    name = "encoder.embeddings.word_embeddings.weight"
+    weights[name] = weights[name][:1000].clone()
+    save_file(weights, str(path / "weights.tmp"))
+    config = json.loads((path / "config.json").read_text())
+    config["encoder"]["vocab_size"] = 1000
+    _rewrite(path, "model.safetensors", (path / "weights.tmp").read_bytes())
+    (path / "weights.tmp").unlink()
+    _rewrite(path, "config.json", json.dumps(config).encode())
+    message = _refusal(path)
+    assert "the tokenizer has 30522 tokens but the encoder's embedding has 1000 rows" in message
+
+
+def test_missing_tokenizer_is_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    manifest = _manifest(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (path / name).unlink()
+        del manifest["files"][name]
+    _write_manifest(path, manifest)
+    assert "tokenizer_config.json is missing" in _refusal(path)
+
+
+def test_corrupt_safetensors_header_is_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[8:16] = b"@@@@@@@@"
+    _rewrite(path, "model.safetensors", bytes(data))
+    assert "model.safetensors has an unreadable header" in _refusal(path)
+
+
+def test_task_that_does_not_match_the_model_is_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    manifest = _manifest(path)
+    manifest["task"] = "extractive-summarization"
+    _write_manifest(path, manifest)
+    message = _refusal(path)
+    assert "model_type 'supportlens-intent-classifier'" in message
+    assert "needs 'supportlens-extractive-summarizer'" in message
+
+
+def test_bad_calibration_is_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    _rewrite(path, "calibration.json", b'{"temperature": -1, "oos_threshold": 0.2}')
+    assert "temperature must be a positive number" in _refusal(path)
+
+
+def test_verify_returns_the_config_and_reads_no_weights(tmp_path, classifier, monkeypatch):
+    import safetensors.torch
+
+    path = _save(tmp_path, classifier)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("verify_bundle must not load the weights")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    config = verify_bundle(path, task="intent-classification")
+    assert config["model_type"] == "supportlens-intent-classifier"
+
+
+def test_save_refuses_labels_that_do_not_fit_the_head(tmp_path, classifier):
+    model, tokenizer = classifier
+    with pytest.raises(BundleError, match="2 labels for a classifier head of 3 classes"):
+        save_bundle(
+            tmp_path / "b", model, tokenizer, task="intent-classification", labels=["a", "b"]
+        )
+    assert not (tmp_path / "b").exists()
+
+
+def test_copied_bundle_still_verifies(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    copy = shutil.copytree(path, tmp_path / "copy")
+    assert verify_bundle(copy)["model_type"] == "supportlens-intent-classifier"

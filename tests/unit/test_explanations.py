@@ -36,9 +36,7 @@ TRICKY = [
 def explainer(tiny_backbone) -> Explainer:
     encoder, tokenizer = load_backbone(str(tiny_backbone))
     torch.manual_seed(0)
-    config = ClassifierConfig(
-        num_labels=5, hidden_size=32, special_token_ids=tokenizer.all_special_ids
-    )
+    config = ClassifierConfig(num_labels=5, special_token_ids=tokenizer.all_special_ids)
     model = IntentClassifier(config, encoder)
     return Explainer(model, tokenizer, ig_steps=128, internal_batch_size=256)
 
@@ -235,6 +233,7 @@ def tiny_bundle(tiny_backbone, tmp_path_factory, explainer):
         explainer.tokenizer,
         task="intent-classification",
         labels=["card_lost", "refund", "transfer", "top_up", "other"],
+        calibration={"temperature": 1.0, "oos_threshold": 0.0},
         training={"max_length": 64},
     )
 

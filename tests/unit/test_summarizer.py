@@ -44,7 +44,7 @@ CONVERSATION = (
 def tiny(tiny_backbone):
     torch.manual_seed(0)
     encoder, tokenizer = load_backbone(str(tiny_backbone))
-    config = SummarizerConfig(hidden_size=32, context_heads=4, context_feedforward=64)
+    config = SummarizerConfig(context_heads=4, context_feedforward=64)
     return ExtractiveSummarizer(config, encoder).eval(), tokenizer
 
 
@@ -148,7 +148,6 @@ def test_model_loss_ignores_padding_labels_and_trains(tiny_backbone, loss, posit
     torch.manual_seed(0)
     encoder, tokenizer = load_backbone(str(tiny_backbone))
     config = SummarizerConfig(
-        hidden_size=32,
         context_feedforward=64,
         dropout=0.0,
         loss=loss,
@@ -178,9 +177,7 @@ def test_model_loss_ignores_padding_labels_and_trains(tiny_backbone, loss, posit
 
 def test_listwise_loss_prefers_the_ranking_of_graded_targets(tiny):
     model, _ = tiny
-    listwise = ExtractiveSummarizer(
-        SummarizerConfig(hidden_size=32, loss="listwise"), model.encoder
-    )
+    listwise = ExtractiveSummarizer(SummarizerConfig(loss="listwise"), model.encoder)
     targets = torch.tensor([[1.0, 0.5, 0.0, -100.0]])
     mask = torch.tensor([[True, True, True, False]])
     agreeing = listwise.loss(torch.tensor([[3.0, 1.0, -1.0, 50.0]]), targets, mask)
@@ -204,7 +201,7 @@ def test_relative_position_features_mark_first_and_last_unit_and_ignore_padding(
 def test_model_rejects_an_unknown_loss(tiny):
     model, _ = tiny
     with pytest.raises(ValueError, match="unknown summarizer loss 'hinge'"):
-        ExtractiveSummarizer(SummarizerConfig(hidden_size=32, loss="hinge"), model.encoder)
+        ExtractiveSummarizer(SummarizerConfig(loss="hinge"), model.encoder)
 
 
 def test_freeze_encoder_stops_gradients_to_embeddings_and_lower_layers(tiny_backbone):
