@@ -175,3 +175,14 @@ def test_cli_process_reports_unknown_test_labels_without_traceback(tmp_path, tin
     assert completed.returncode == 2
     assert "error: " in completed.stderr and "say_hello" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_report_states_the_coverage_the_run_used(tmp_path, tiny_backbone):
+    output_dir = tmp_path / "run"
+    result = train([RECIPE, *FAST, "--backbone", str(tiny_backbone), "--output_dir",
+                    str(output_dir), "--max_steps", "2", "--oos_coverage", "0.9"])  # fmt: skip
+    report = (output_dir / "report" / "report.md").read_text()
+    assert "keeps at least 90% of the correctly classified validation messages" in report
+    assert "99%" not in report
+    assert result.report["metrics"]["oos_coverage"] == 0.9
+    assert result.report["training"]["oos_coverage"] == 0.9
