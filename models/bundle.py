@@ -216,7 +216,7 @@ def _manifest(root: Path, display: Path, task: str | None) -> dict[str, Any]:
             f"checksums, got {type(files).__name__}"
         )
     for name, checksum in files.items():
-        if not _is_confined(name):
+        if not is_confined(name):
             # The entry itself is not repeated: it may name a file outside the bundle.
             raise BundleError(
                 f"forged bundle {display}: {MANIFEST} lists a path outside the bundle "
@@ -229,7 +229,7 @@ def _manifest(root: Path, display: Path, task: str | None) -> dict[str, Any]:
     return manifest
 
 
-def _is_confined(name: Any) -> bool:
+def is_confined(name: Any) -> bool:
     """A relative POSIX path with plain parts: no root, no ``..``/``.``, no backslash."""
     if not isinstance(name, str) or not name or "\\" in name or "\x00" in name:
         return False
@@ -267,7 +267,14 @@ def _present_files(root: Path, display: Path) -> set[str]:
     return present
 
 
-def _check_files(root: Path, display: Path, files: dict[str, str]) -> None:
+def check_files(
+    root: Path,
+    display: Path,
+    files: dict[str, str],
+    required: tuple[str, ...] = (CONFIG, WEIGHTS, TOKENIZER_CONFIG),
+) -> None:
+    """Every listed file present with its checksum, no unlisted file, no link leading out.
+    Paths must have passed :func:`is_confined` first."""
     present = _present_files(root, display)
     for name in sorted(files):
         if name not in present:
@@ -280,9 +287,9 @@ def _check_files(root: Path, display: Path, files: dict[str, str]) -> None:
     for name, expected in sorted(files.items()):
         if sha256_file(root / name) != expected:
             raise BundleError(f"corrupt bundle {display}: checksum mismatch for {name}")
-    for required in (CONFIG, WEIGHTS, TOKENIZER_CONFIG):
-        if required not in files:
-            raise BundleError(f"corrupt bundle {display}: {required} is missing")
+    for name in required:
+        if name not in files:
+            raise BundleError(f"corrupt bundle {display}: {name} is missing")
 
 
 def _weight_shapes(path: Path, display: Path) -> dict[str, tuple[int, ...]]:
@@ -409,7 +416,7 @@ def _check(path: Path, task: str | None, display: Path | None = None) -> _Checke
     root = path.resolve()
     manifest = _manifest(root, display, task)
     bundle_task = manifest["task"]
-    _check_files(root, display, manifest["files"])
+    check_files(root, display, manifest["files"])
     config_dict = _read_json(root / CONFIG, CONFIG, display)
     if not isinstance(config_dict, dict):
         raise BundleError(f"corrupt bundle {display}: {CONFIG} is not a JSON object")
