@@ -39,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine
 from models.bundle import BundleError, load_bundle
-from models.explanations import METHODS, Explainer, ExplanationError, WordScore
+from models.explanations import METHODS, ExplanationError, WordScore
+from models.predictor import IntentPredictor
 
 RANDOM = "random"
 ATTRIBUTION_METHODS = ("integrated_gradients", "gradient_x_input", "occlusion")
@@ -96,22 +97,17 @@ def top_k_sizes(num_words: int, bins: list[float]) -> list[int]:
     return [max(1, math.ceil(fraction * num_words)) for fraction in bins]
 
 
-def probabilities(model, tokenizer, texts: list[str], max_length: int) -> np.ndarray:
-    """Softmax of the classifier for many texts, in batches of similar length."""
+def probabilities(predictor: IntentPredictor, texts: list[str]) -> np.ndarray:
+    """Uncalibrated softmax of the classifier for many texts, in batches of similar length
+    (tokenized and run as the predictor does; the raw softmax, as ERASER measures it)."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    result = np.zeros((len(texts), model.config.num_labels), dtype=np.float64)
+    result = np.zeros((len(texts), len(predictor.labels)), dtype=np.float64)
     with torch.inference_mode():
         for begin in range(0, len(order), 128):
             chunk = order[begin : begin + 128]
-            encoding = tokenizer(
-                [texts[i] for i in chunk],
-                truncation=True,
-                max_length=max_length,
-                padding="longest",
-                return_tensors="pt",
-            )
-            logits = model(**encoding).logits.float()
-            result[chunk] = torch.softmax(logits, dim=-1).numpy()
+            encoding, _ = predictor.encode([texts[i] for i in chunk])
+            logits = predictor.model(**predictor.model_inputs(encoding)).logits.float()
+            result[chunk] = torch.softmax(logits, dim=-1).cpu().numpy()
     return result
 
 
@@ -141,23 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    max_length = int(bundle.training.get("max_length", 128))
-    model, tokenizer = bundle.model, bundle.tokenizer
-    explainer = Explainer(
-        model,
-        tokenizer,
-        max_length=max_length,
-        ig_steps=args.ig_steps,
-        internal_batch_size=args.internal_batch_size,
+    predictor = IntentPredictor(bundle)
+    explainer = predictor.explainer(
+        ig_steps=args.ig_steps, internal_batch_size=args.internal_batch_size
     )
     texts = load_sample(args.data, args.text_column, args.sample, args.seed)
 
     def predict(text: str) -> torch.Tensor:
         with torch.inference_mode():
-            encoding = tokenizer(
-                [text], truncation=True, max_length=max_length, return_tensors="pt"
-            )
-            return model(**encoding).logits
+            encoding, _ = predictor.encode([text])
+            return predictor.model(**predictor.model_inputs(encoding)).logits
 
     # Warm-up so the first timings do not pay for lazy initialisation.
     for method in METHODS:
@@ -201,9 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     base_logits = []
     for begin in range(0, len(kept_texts), 64):
         chunk = kept_texts[begin : begin + 64]
-        encoding = explainer.encode(chunk)
+        encoding, _ = predictor.encode(chunk)
         with torch.inference_mode():
-            full_logits.append(model(**explainer._inputs(encoding)).logits.float())
+            full_logits.append(predictor.model(**predictor.model_inputs(encoding)).logits.float())
         base_logits.append(explainer.baseline_logits(chunk))
     full = torch.cat(full_logits)
     base = torch.cat(base_logits)
@@ -236,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 sufficient.append(query(delete_words(text, words, rest)))
             plan[method].append((message, comprehensive, sufficient))
     print(f"scoring {len(queries)} distinct perturbed texts")
-    probs = probabilities(model, tokenizer, queries, max_length)
+    probs = probabilities(predictor, queries)
     classes = probs[: len(kept_texts)].argmax(axis=1)
     original = probs[np.arange(len(kept_texts)), classes]
 

@@ -39,7 +39,8 @@ class IntentPredictor:
         self.labels = bundle.labels
         self.temperature = float(bundle.calibration.get("temperature", 1.0))
         self.threshold = float(bundle.calibration.get("oos_threshold", 0.0))
-        self.max_length = max_length or int(bundle.training.get("max_length", 128))
+        limit = getattr(self.model.config.encoder, "max_position_embeddings", None) or 512
+        self.max_length = min(max_length or int(bundle.training.get("max_length", 128)), limit)
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +83,19 @@ class IntentPredictor:
                 )
             )
         return results
+
+    def explainer(self, *, ig_steps: int = 32, internal_batch_size: int = 64):
+        """An :class:`~models.explanations.Explainer` of this model that tokenizes exactly
+        as :meth:`encode` does (same tokenizer, same ``max_length``)."""
+        from models.explanations import Explainer
+
+        return Explainer(
+            self.model,
+            self.tokenizer,
+            max_length=self.max_length,
+            ig_steps=ig_steps,
+            internal_batch_size=internal_batch_size,
+        )
 
     @torch.inference_mode()
     def predict(self, texts: list[str], top_k: int = 3) -> list[Prediction]:

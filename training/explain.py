@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
 import sys
 from pathlib import Path
 
 from models.bundle import BundleError, load_bundle
-from models.explanations import METHODS, Explainer, ExplanationError, normalize
+from models.explanations import METHODS, ExplanationError, normalize
+from models.files import atomic_write_text
 from models.highlight import render_html
+from models.predictor import IntentPredictor
 
 DEFAULT_METHODS = ("attention", "integrated_gradients")
 
@@ -74,10 +75,7 @@ def write_html(path: Path, texts: list[str], rows: list[dict], labels: list[str]
         + "".join(sections)
         + "</body></html>\n"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, page)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,12 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         targets = [labels.index(args.target)] * len(args.texts)
-    explainer = Explainer(
-        bundle.model,
-        bundle.tokenizer,
-        max_length=int(bundle.training.get("max_length", 128)),
-        ig_steps=args.ig_steps,
-    )
+    explainer = IntentPredictor(bundle).explainer(ig_steps=args.ig_steps)
     try:
         rows = explainer.explain(args.texts, args.method, targets)
     except ExplanationError as exc:
