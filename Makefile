@@ -6,17 +6,38 @@ RUNS   ?= runs
 INTENT_BUNDLE     ?= $(RUNS)/demo-intent/bundle
 SUMMARIZER_BUNDLE ?= $(RUNS)/demo-summarizer/bundle
 
-.PHONY: install serve demo-models test test-unit test-integration test-browser lint format bench image clean
+.PHONY: install constraints audit serve demo-models test test-unit test-integration test-browser lint format bench image clean
 
-# The stamp is rebuilt whenever the dependency list changes.
-$(BIN)/.installed: pyproject.toml requirements/torch.txt
+# The stamp is rebuilt whenever the dependency list or the pinned versions change.
+# requirements/constraints.txt pins every package to the versions the tests ran with, so two
+# fresh machines install the same; pinning torch in the same resolve keeps pip on the CPU
+# wheel instead of CUDA builds.
+$(BIN)/.installed: pyproject.toml requirements/torch.txt requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# Pinning torch in the same resolve keeps pip on the CPU wheel instead of CUDA builds.
-	$(BIN)/python -m pip install -q -c requirements/torch.txt -r requirements/torch.txt -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -r requirements/torch.txt -e '.[test,bench]'
 	touch $@
 
 install: $(BIN)/.installed
+
+# Re-pin requirements/constraints.txt from the working .venv (after changing a dependency;
+# run the tests before committing it). The local "+cpu" tag of torch is dropped.
+constraints: $(BIN)/.installed
+	{ grep '^#' requirements/constraints.txt; $(BIN)/python -m pip freeze --exclude-editable \
+		| sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > requirements/constraints.txt.new
+	mv requirements/constraints.txt.new requirements/constraints.txt
+
+# Known vulnerabilities in the pinned versions, with pip-audit in a virtualenv of its own
+# (its dependencies never mix with the project's). It queries a vulnerability database
+# (PyPI's by default, AUDIT_SERVICE=osv for OSV) over the network, so it is not part of
+# `make test`; run it in CI where that service is reachable.
+AUDIT_VENV    ?= $(VENV)/audit
+AUDIT_SERVICE ?= pypi
+audit:
+	test -x $(AUDIT_VENV)/bin/pip-audit || \
+		($(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/python -m pip install -q pip-audit)
+	$(AUDIT_VENV)/bin/pip-audit --strict --no-deps --disable-pip --vulnerability-service $(AUDIT_SERVICE) \
+		-r requirements/constraints.txt
 
 $(INTENT_BUNDLE)/manifest.json: | $(BIN)/.installed
 	$(BIN)/python -m training.train_intent training/recipes/intent/demo.yaml --output_dir $(RUNS)/demo-intent
