@@ -384,3 +384,49 @@ def test_copied_bundle_still_verifies(tmp_path, classifier):
     path = _save(tmp_path, classifier)
     copy = shutil.copytree(path, tmp_path / "copy")
     assert verify_bundle(copy)["model_type"] == "supportlens-intent-classifier"
+
+
+# -- the server refuses what verify_bundle refuses ------------------------------------------
+
+
+def _forge_outside_path(path: Path) -> None:
+    manifest = _manifest(path)
+    manifest["files"]["../../../../etc/hostname"] = "0" * 64
+    _write_manifest(path, manifest)
+
+
+def _cut_labels(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    config["id2label"] = {"0": "refund"}
+    config.pop("label2id", None)
+    _rewrite(path, "config.json", json.dumps(config).encode())
+
+
+@pytest.mark.parametrize(
+    ("damage", "wanted"),
+    [(_forge_outside_path, "outside the bundle"), (_cut_labels, "model.safetensors has head")],
+)
+def test_server_refuses_a_bad_bundle_with_one_line_and_exit_2(tmp_path, classifier, damage, wanted):
+    import subprocess
+    import sys
+
+    path = _save(tmp_path, classifier)
+    damage(path)
+    env = {
+        **os.environ,
+        "SUPPORTLENS_INTENT_BUNDLE": str(path),
+        "SUPPORTLENS_SUMMARIZER_BUNDLE": "none",
+        "SUPPORTLENS_PORT": "1",  # never bound: the bundle is refused first
+    }
+    completed = subprocess.run(
+        [sys.executable, "-m", "service.server"],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    lines = completed.stderr.strip().splitlines()
+    assert len(lines) == 1 and wanted in lines[0], completed.stderr[-2000:]
+    assert "Traceback" not in completed.stderr
