@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from training import train_summarizer
 from training.run import checkpoint_is_complete
 from training.train_intent import main, train
 
@@ -45,7 +46,7 @@ ARGS = [
 KILLER = r"""
 import os, signal, sys
 
-point, at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+script, point, at, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 calls = [0]
 
 def due():
@@ -85,12 +86,19 @@ elif point == "bundle":
         return write(*args, **kwargs)
     models.bundle.atomic_write_json = atomic_write_json
 
-from training.train_intent import main
-sys.exit(main(argv))
+import importlib
+sys.exit(importlib.import_module(script).main(argv))
 """
 
 
-def killed_run(backbone: Path, output_dir: Path, point: str, at: int) -> None:
+def killed_run(
+    backbone: Path,
+    output_dir: Path,
+    point: str,
+    at: int,
+    script: str = "training.train_intent",
+    args: list[str] = ARGS,
+) -> None:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -99,7 +107,7 @@ def killed_run(backbone: Path, output_dir: Path, point: str, at: int) -> None:
         "TOKENIZERS_PARALLELISM": "false",
     }
     completed = subprocess.run(
-        [sys.executable, "-c", KILLER, point, str(at), *ARGS,
+        [sys.executable, "-c", KILLER, script, point, str(at), *args,
          "--backbone", str(backbone), "--output_dir", str(output_dir)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
@@ -180,3 +188,37 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(tiny_backbone, tmp_path
                  "--resume_from_checkpoint", str(partial)])  # fmt: skip
     assert code == 2
     assert "not a complete Trainer checkpoint" in capsys.readouterr().err
+
+
+SUMMARIZER_ARGS = [
+    "training/recipes/summarizer/demo.yaml",
+    "--max_length", "64",
+    "--chunk_overlap", "16",
+    "--context_feedforward", "64",
+    "--per_device_train_batch_size", "8",
+    "--num_train_epochs", "2",
+    "--early_stopping_patience", "0",
+]  # fmt: skip
+SUMMARIZER_STEPS_PER_EPOCH = 4  # 32 training conversations in batches of 8
+
+
+def test_summarizer_kill_mid_checkpoint_then_resume(tiny_backbone, tmp_path_factory):
+    args = [*SUMMARIZER_ARGS, "--backbone", str(tiny_backbone)]
+    reference_dir = tmp_path_factory.mktemp("summarizer-uninterrupted")
+    reference = train_summarizer.train([*args, "--output_dir", str(reference_dir)])
+    output_dir = tmp_path_factory.mktemp("summarizer-killed")
+    killed_run(tiny_backbone, output_dir, "checkpoint", 2, "training.train_summarizer", args)
+    broken = output_dir / f"checkpoint-{2 * SUMMARIZER_STEPS_PER_EPOCH}"
+    assert broken.is_dir() and not checkpoint_is_complete(broken)
+    result = train_summarizer.train([*args, "--output_dir", str(output_dir), "--resume", "true"])
+    assert result.report["training"]["resumed_from"].endswith(
+        f"checkpoint-{SUMMARIZER_STEPS_PER_EPOCH}"
+    )
+    assert result.report["training"]["global_step"] == 2 * SUMMARIZER_STEPS_PER_EPOCH
+    for system in ("model", "lead3", "oracle"):
+        for key, value in reference.report["metrics"][system].items():
+            assert result.report["metrics"][system][key] == pytest.approx(value, abs=0.5)
+    weights = load_file(str(result.bundle / "model.safetensors"))
+    reference_weights = load_file(str(reference.bundle / "model.safetensors"))
+    for name, value in weights.items():
+        torch.testing.assert_close(value, reference_weights[name], rtol=1e-4, atol=1e-5)
