@@ -6,8 +6,9 @@ Usage::
 
 The recipe (YAML) sets any argument of ``DataArguments``, ``ModelArguments`` and
 ``IntentTrainingArguments`` (which extends ``transformers.TrainingArguments``);
-command-line options override it. ``--resume`` continues from the last checkpoint in
-``output_dir``. A run writes::
+command-line options override it. ``--resume true`` continues from the last complete
+checkpoint in ``output_dir`` (see :mod:`training.run`, which holds the run itself; this
+module has only the classifier's parts). A run writes::
 
     <output_dir>/checkpoint-*/          Trainer checkpoints (safetensors)
     <output_dir>/report/                report.json, report.md, confusion_matrix.png

@@ -14,7 +14,8 @@ instead of per-unit BCE, and ``--freeze_encoder_layers`` keeps the lower encoder
 layers fixed, which overfits less on a few hundred conversations. Early stopping and
 the best checkpoint follow validation ROUGE-1 of the summaries the model would output
 (``max_sentences`` units, trigram blocking).
-``--resume`` continues from the last checkpoint in ``output_dir``. A run writes::
+``--resume true`` continues from the last complete checkpoint in ``output_dir`` (see
+:mod:`training.run`, which holds the run itself). A run writes::
 
     <output_dir>/checkpoint-*/          Trainer checkpoints (safetensors)
     <output_dir>/report.json            ROUGE of the model, LEAD-3 and the oracle
