@@ -186,3 +186,12 @@ def test_report_states_the_coverage_the_run_used(tmp_path, tiny_backbone):
     assert "99%" not in report
     assert result.report["metrics"]["oos_coverage"] == 0.9
     assert result.report["training"]["oos_coverage"] == 0.9
+
+
+def test_resume_from_checkpoint_is_honoured(first_run, tmp_path):
+    output_dir, args, first = first_run
+    checkpoint = output_dir / f"checkpoint-{first.report['training']['global_step']}"
+    args = [a if a != str(output_dir) else str(tmp_path / "run") for a in args]
+    result = train([*args, "--num_train_epochs", "1", "--resume_from_checkpoint", str(checkpoint)])
+    assert result.report["training"]["resumed_from"] == str(checkpoint)
+    assert result.report["training"]["global_step"] == first.report["training"]["global_step"]
