@@ -30,11 +30,13 @@ is refused with the command that converts it (:data:`CONVERT_COMMAND`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -42,6 +44,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from models.classifier import IntentClassifier
 from models.files import atomic_directory, atomic_write_json
@@ -99,6 +102,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No per-call progress bars from transformers (one per worker in the server's log)."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def task_of_model(model: PreTrainedModel) -> str:
     for task, model_class in TASKS.items():
         if isinstance(model, model_class):
@@ -140,7 +155,7 @@ def save_bundle(
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {label: i for i, label in enumerate(labels)}
     final = Path(directory)
-    with atomic_directory(final) as tmp:
+    with atomic_directory(final) as tmp, _quiet_progress():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         documents = {
@@ -456,7 +471,8 @@ def load_bundle(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = TASKS[checked.task].from_pretrained(str(root), config=checked.config, **kwargs)
+        with _quiet_progress():
+            model = TASKS[checked.task].from_pretrained(str(root), config=checked.config, **kwargs)
     except Exception as exc:  # the checks above make this rare; keep it one line
         raise BundleError(
             f"incompatible bundle {path}: the model does not load ({type(exc).__name__}: {exc})"
@@ -464,7 +480,7 @@ def load_bundle(
     config = model.config
     labels = (
         [config.id2label[i] for i in range(config.num_labels)]
-        if checked.task == ("intent-classification")
+        if checked.task == "intent-classification"
         else []
     )
     return Bundle(
