@@ -265,8 +265,13 @@ def _present_files(root: Path, display: Path) -> set[str]:
             entry = here / name
             relative = entry.relative_to(root).as_posix()
             if entry.is_symlink():
-                target = entry.resolve()
-                if not target.is_relative_to(root) or not target.exists():
+                try:
+                    target = entry.resolve(strict=True)
+                except (OSError, RuntimeError):  # dangling, or a loop
+                    raise BundleError(
+                        f"corrupt bundle {display}: {relative} is a dangling or looping symbolic link"
+                    ) from None
+                if not target.is_relative_to(root):
                     raise BundleError(
                         f"forged bundle {display}: {relative} is a symbolic link leading out of "
                         "the bundle"

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -430,3 +431,20 @@ def test_server_refuses_a_bad_bundle_with_one_line_and_exit_2(tmp_path, classifi
     lines = completed.stderr.strip().splitlines()
     assert len(lines) == 1 and wanted in lines[0], completed.stderr[-2000:]
     assert "Traceback" not in completed.stderr
+
+
+def test_symlink_loop_or_dangling_link_is_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    os.symlink(path / "loop-b", path / "loop-a")
+    os.symlink(path / "loop-a", path / "loop-b")
+    assert re.search(r"loop-[ab] is a dangling or looping symbolic link", _refusal(path))
+
+
+def test_symlink_inside_the_bundle_is_accepted(tmp_path, classifier):
+    path = _save(tmp_path, classifier)
+    (path / "metrics.json").rename(path / "metrics-real.json")
+    os.symlink("metrics-real.json", path / "metrics.json")
+    manifest = _manifest(path)
+    manifest["files"]["metrics-real.json"] = manifest["files"]["metrics.json"]
+    _write_manifest(path, manifest)
+    assert load_bundle(path).metrics == {}
