@@ -106,7 +106,7 @@ def probabilities(predictor: IntentPredictor, texts: list[str]) -> np.ndarray:
         for begin in range(0, len(order), 128):
             chunk = order[begin : begin + 128]
             encoding, _ = predictor.encode([texts[i] for i in chunk])
-            logits = predictor.model(**predictor.model_inputs(encoding)).logits.float()
+            logits = predictor.forward(encoding).logits.float()
             result[chunk] = torch.softmax(logits, dim=-1).cpu().numpy()
     return result
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     def predict(text: str) -> torch.Tensor:
         with torch.inference_mode():
             encoding, _ = predictor.encode([text])
-            return predictor.model(**predictor.model_inputs(encoding)).logits
+            return predictor.forward(encoding).logits
 
     # Warm-up so the first timings do not pay for lazy initialisation.
     for method in METHODS:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk = kept_texts[begin : begin + 64]
         encoding, _ = predictor.encode(chunk)
         with torch.inference_mode():
-            full_logits.append(predictor.model(**predictor.model_inputs(encoding)).logits.float())
+            full_logits.append(predictor.forward(encoding).logits.float())
         base_logits.append(explainer.baseline_logits(chunk))
     full = torch.cat(full_logits)
     base = torch.cat(base_logits)

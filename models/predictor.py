@@ -98,10 +98,16 @@ class IntentPredictor:
         )
 
     @torch.inference_mode()
+    def forward(self, encoding: BatchEncoding, *, output_pooling_weights: bool = False):
+        """The classifier's output for an :meth:`encode` result (``.logits`` (B, C), and
+        ``.pooling_weights`` (B, N, T) when asked: the free ``attention`` explanation)."""
+        return self.model(
+            **self.model_inputs(encoding), output_pooling_weights=output_pooling_weights
+        )
+
     def predict(self, texts: list[str], top_k: int = 3) -> list[Prediction]:
         """Predict intents for a batch of texts, in order."""
         if not texts:
             return []
         encoding, truncated = self.encode(texts)
-        logits = self.model(**self.model_inputs(encoding)).logits
-        return self.to_predictions(logits, truncated, top_k)
+        return self.to_predictions(self.forward(encoding).logits, truncated, top_k)

@@ -62,8 +62,7 @@ def test_explainer_reads_the_predictor_inputs(predictor):
     texts = ["where is my parcel", "refund"]
     encoding, _ = predictor.encode(texts)
     assert torch.equal(explainer.encode(texts)["input_ids"], encoding["input_ids"])
-    with torch.inference_mode():
-        output = predictor.model(**predictor.model_inputs(encoding), output_pooling_weights=True)
+    output = predictor.forward(encoding, output_pooling_weights=True)
     targets = output.logits.argmax(-1).tolist()
     free = explainer.attention_from_outputs(texts, encoding, output.pooling_weights, targets)
     computed = explainer.explain(texts, ["attention"])
