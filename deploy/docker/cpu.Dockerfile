@@ -32,18 +32,20 @@ RUN pip install --no-deps --index-url "${TORCH_INDEX_URL}" \
     && pip install --constraint /tmp/constraints.txt \
         "$(grep -E '^torch==' requirements/constraints.txt | sed 's/+.*//')"
 COPY deploy/docker/serve-requirements.txt /tmp/serve-requirements.txt
+# What the server imports, at the versions of the constraints file (DL3013 cannot see them).
 # hadolint ignore=DL3013
 RUN pip install --constraint /tmp/constraints.txt --requirement /tmp/serve-requirements.txt
 COPY pyproject.toml README.md ./
 COPY models models
 COPY training training
 COPY service service
-# The project itself; its serving dependencies are installed above.
+# The project itself; its serving dependencies are installed above (DL3013: "." has no version).
 # hadolint ignore=DL3013
 RUN pip install --no-deps .
 
-# Everything the project declares (training, evaluation, batch scoring), for the Jobs.
 FROM build AS build-train
+# Everything the project declares (training, evaluation, batch scoring), for the Jobs, at
+# the versions of the constraints file (DL3013 cannot see them).
 # hadolint ignore=DL3013
 RUN pip install --constraint /tmp/constraints.txt ".[batch]" \
     && pip uninstall --yes pip

@@ -32,7 +32,8 @@ COPY pyproject.toml README.md ./
 COPY models models
 COPY training training
 COPY service service
-# The project with the batch extra, every version pinned by the constraints file.
+# The project with the batch extra, every version pinned by the constraints file (which
+# DL3013 cannot see).
 # hadolint ignore=DL3013
 RUN pip install --constraint /tmp/constraints.txt ".[batch]" \
     && pip uninstall --yes pip
