@@ -23,7 +23,24 @@ from training import predict
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-WORDS = "my card was charged twice refund where is the parcel reset password top up transfer failed".split()
+WORDS = [
+    "my",
+    "card",
+    "was",
+    "charged",
+    "twice",
+    "refund",
+    "where",
+    "is",
+    "the",
+    "parcel",
+    "reset",
+    "password",
+    "top",
+    "up",
+    "transfer",
+    "failed",
+]
 
 
 def tickets(n: int, seed: int = 0) -> list[dict]:

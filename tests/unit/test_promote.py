@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -90,9 +91,9 @@ def test_promote_first_candidate_is_promoted_when_nothing_serves():
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
-    requests: list = []
+    requests: ClassVar[list] = []
 
-    def do_PATCH(self):  # noqa: N802 - the http.server API
+    def do_PATCH(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
         _Recorder.requests.append((self.path, dict(self.headers), json.loads(body)))
         self.send_response(200)
@@ -127,7 +128,7 @@ def test_promote_restart_patches_the_restarted_at_annotation_like_kubectl():
 
 def test_promote_restart_refused_by_the_api_server_is_an_error():
     class Forbidden(_Recorder):
-        def do_PATCH(self):  # noqa: N802
+        def do_PATCH(self):
             self.send_response(403)
             self.end_headers()
 
