@@ -94,6 +94,7 @@ def test_retrain_pipeline_promotes_only_candidates_at_least_as_good(
     # Roll back: one command, back to what was serving before.
     assert promote.main(["rollback", "--models_dir", str(models)]) == 0
     assert os.readlink(models / "current") == "versions/v2"
+    assert promote.status(models)["previous"] == "v3"  # rolling back again rolls forward
     assert promote.main(["rollback", "--models_dir", str(models), "--to", "v1"]) == 0
     assert os.readlink(models / "current") == "versions/v1"
 
