@@ -328,13 +328,19 @@ def evaluate_and_promote(
     serving = pointed_version(models_dir)
     candidate_metrics = evaluate_bundle(candidate_bundle, heldout, text_column, label_column)
     serving_metrics = None
+    broken = None
     if serving is not None and serving != candidate:
-        serving_metrics = evaluate_bundle(
-            bundle_of(models_dir, serving), heldout, text_column, label_column
-        )
+        try:
+            serving_metrics = evaluate_bundle(
+                bundle_of(models_dir, serving), heldout, text_column, label_column
+            )
+        except BundleError as exc:  # a serving model that no longer loads loses to any candidate
+            broken = str(exc)
     elif serving == candidate:
         serving_metrics = candidate_metrics
     decision = decide(candidate, candidate_metrics, serving, serving_metrics, metric, margin)
+    if broken:
+        decision.reason = f"the serving bundle is unusable: {broken}"
     _atomic_json(
         models_dir / VERSIONS / candidate / "promotion.json",
         {**asdict(decision), "heldout_file": str(heldout)},

@@ -118,3 +118,10 @@ def test_retrain_pipeline_refuses_a_corrupt_candidate(tmp_path, tiny_bundles, ca
     # Roll-back verifies its target as well.
     assert promote.main(["rollback", "--models_dir", str(models), "--to", "broken"]) == 2
     assert os.readlink(models / "current") == "versions/good"
+    # A serving bundle that no longer verifies loses to any verified candidate.
+    promote.point(models, "current", "broken")
+    shutil.copytree(models / "versions" / "good", models / "versions" / "fixed")
+    assert decide(models, "fixed") == 0
+    assert os.readlink(models / "current") == "versions/fixed"
+    decision = json.loads((models / "versions" / "fixed" / "promotion.json").read_text())
+    assert decision["reason"].startswith("the serving bundle is unusable: corrupt bundle")
