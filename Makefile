@@ -92,9 +92,10 @@ image-train:
 image-cuda:
 	$(CONTAINER) build $(IMAGE_BUILD_ARGS) -f deploy/docker/cuda.Dockerfile -t supportlens:cuda .
 
-# Build the serving image and run it with the demo models: health, one classify, SIGTERM
-# drain. Skips (exit 0, with the reason) where no container engine runs. Not part of `make test`.
-image-test: demo-models
+# Build the serving image and run it with the demo models (trained first if missing): health,
+# one classify, SIGTERM drain. Skips (exit 0, with the reason) where no container engine runs.
+# Not part of `make test`.
+image-test:
 	CONTAINER=$(CONTAINER) IMAGE_BUILD_ARGS="$(IMAGE_BUILD_ARGS)" deploy/tools/image_test.sh
 
 clean:

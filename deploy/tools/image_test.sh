@@ -29,6 +29,11 @@ if ! command -v "$CONTAINER" >/dev/null 2>&1 || ! c info >/dev/null 2>&1; then
     exit 0
 fi
 
+if [[ ! -d "$INTENT" || ! -d "$SUMMARIZER" ]]; then
+    echo "== demo models missing: make demo-models"
+    make demo-models
+fi
+
 format=()
 [[ "$(basename "$CONTAINER")" == podman* ]] && format=(--format docker)  # keeps HEALTHCHECK
 echo "== build $IMAGE"
