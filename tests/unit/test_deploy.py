@@ -14,6 +14,7 @@ import ast
 import functools
 import importlib.metadata as metadata
 import json
+import os
 import re
 import shlex
 import shutil
@@ -522,3 +523,19 @@ def test_deploy_dockerfiles_are_multistage_nonroot_and_pinned_by_constraints():
             assert not re.search(r"KEY|TOKEN|SECRET|PASSWORD", name), f"{dockerfile.name}: {name}"
     ignored = (REPO / ".dockerignore").read_text().splitlines()
     assert ignored[next(i for i, line in enumerate(ignored) if not line.startswith("#"))] == "*"
+
+
+def test_deploy_image_test_skips_with_its_reason_without_an_engine():
+    result = subprocess.run(
+        [str(DEPLOY / "tools" / "image_test.sh")],
+        env={**os.environ, "CONTAINER": "no-such-engine"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == (
+        "image-test skipped: no running container engine "
+        "(no-such-engine is missing or its daemon is not running)"
+    )
