@@ -346,6 +346,11 @@ def score_archive(job: ScoreJob) -> Path:
     if job.output.suffix.lower() not in OUTPUT_FORMATS:
         raise BatchError(f"--output {job.output}: use a .parquet or .jsonl file name")
     columns = list(dict.fromkeys([job.text_column, *job.keep_columns]))
+    taken = set(_schema([], explain=True).names) & set(job.keep_columns)
+    if taken:
+        raise BatchError(
+            f"--keep_columns: {sorted(taken)} would clash with the output columns of the same name"
+        )
     _input_format(job.input)
     output = shard_output(job.output, job.shard)
     parts = output.with_name(output.name + ".parts")
