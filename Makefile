@@ -6,7 +6,7 @@ RUNS   ?= runs
 INTENT_BUNDLE     ?= $(RUNS)/demo-intent/bundle
 SUMMARIZER_BUNDLE ?= $(RUNS)/demo-summarizer/bundle
 
-.PHONY: install constraints audit serve demo-models test test-unit test-integration test-browser lint format bench image clean
+.PHONY: install constraints audit serve demo-models test test-unit test-integration test-browser lint format bench image image-train image-cuda image-test deploy-deps deploy-check clean
 
 # The stamp is rebuilt whenever the dependency list or the pinned versions change.
 # requirements/constraints.txt pins every package to the versions the tests ran with, so two
@@ -15,7 +15,7 @@ SUMMARIZER_BUNDLE ?= $(RUNS)/demo-summarizer/bundle
 $(BIN)/.installed: pyproject.toml requirements/torch.txt requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements/constraints.txt -r requirements/torch.txt -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -c requirements/constraints.txt -r requirements/torch.txt -e '.[test,bench,batch,deploy]'
 	touch $@
 
 install: $(BIN)/.installed
@@ -55,10 +55,24 @@ serve: demo-models
 browser-deps:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-test: $(BIN)/.installed browser-deps
+# The deploy checks: kubectl (Debian's package bundles kustomize), kubernetes-validate and
+# hadolint (the `deploy` extra, installed with the others), checkov in its own virtualenv
+# (a large dependency tree), pinned here.
+CHECKS_VENV ?= .venv-checks
+deploy-deps: $(CHECKS_VENV)/bin/checkov
+	command -v kubectl >/dev/null || (apt-get update -qq && apt-get install -y -qq kubectl >/dev/null)
+
+$(CHECKS_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKS_VENV)
+	$(CHECKS_VENV)/bin/python -m pip install -q 'checkov==3.3.30'
+
+deploy-check: deploy-deps
+	$(BIN)/python -m pytest -q tests/unit/test_deploy.py tests/unit/test_deploy_checks.py
+
+test: $(BIN)/.installed browser-deps deploy-deps
 	$(BIN)/python -m pytest -q tests
 
-test-unit: $(BIN)/.installed
+test-unit: $(BIN)/.installed deploy-deps
 	$(BIN)/python -m pytest -q tests/unit
 
 test-integration: $(BIN)/.installed
@@ -83,10 +97,24 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/dialogsum.py --seeds 42 1 2
 	$(BIN)/python benchmarks/serving.py --bundle runs/banking77/bundle
 
-# The serving image with the demo models baked in (CONTAINER=podman works the same way).
-CONTAINER ?= docker
+# Images (deploy/README.md): the slim CPU serving image, the CPU image for Jobs, the CUDA
+# image. CONTAINER=podman works the same way; IMAGE_BUILD_ARGS passes --build-arg etc.
+CONTAINER ?= $(shell command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1 && echo docker || echo podman)
+IMAGE_BUILD_ARGS ?=
 image:
-	$(CONTAINER) build -f deploy/Dockerfile --build-arg BAKE_DEMO_MODELS=1 -t supportlens:demo .
+	$(CONTAINER) build $(IMAGE_BUILD_ARGS) -f deploy/docker/cpu.Dockerfile -t supportlens:cpu .
+
+image-train:
+	$(CONTAINER) build $(IMAGE_BUILD_ARGS) -f deploy/docker/cpu.Dockerfile --target train -t supportlens:cpu-train .
+
+image-cuda:
+	$(CONTAINER) build $(IMAGE_BUILD_ARGS) -f deploy/docker/cuda.Dockerfile -t supportlens:cuda .
+
+# Build the serving image and run it with the demo models (trained first if missing): health,
+# one classify, SIGTERM drain. Skips (exit 0, with the reason) where no container engine runs.
+# Not part of `make test`.
+image-test:
+	CONTAINER=$(CONTAINER) IMAGE_BUILD_ARGS="$(IMAGE_BUILD_ARGS)" deploy/tools/image_test.sh
 
 clean:
 	rm -rf $(RUNS) .pytest_cache .ruff_cache
