@@ -18,6 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.json_schema import WithJsonSchema
 
 from service.config import get_settings
 
@@ -47,7 +48,13 @@ def _check_text(text: str) -> str:
     return text
 
 
-Text = Annotated[str, AfterValidator(_check_text)]
+# The schema says what validation enforces, so generated clients (and fuzzers) send
+# texts that can pass: at least one non-space character.
+Text = Annotated[
+    str,
+    AfterValidator(_check_text),
+    WithJsonSchema({"type": "string", "minLength": 1, "pattern": "\\S"}),
+]
 
 
 def _check_texts(texts: list[str]) -> list[str]:
@@ -60,7 +67,11 @@ def _check_texts(texts: list[str]) -> list[str]:
 class _TextsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[Text] = Field(min_length=1, description="Texts to process, answered in order.")
+    texts: list[Text] = Field(
+        min_length=1,
+        json_schema_extra={"maxItems": get_settings().max_texts},
+        description="Texts to process, answered in order (at most SUPPORTLENS_MAX_TEXTS).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -82,7 +93,12 @@ class _TextsRequest(BaseModel):
 class ClassifyRequest(_TextsRequest):
     """``POST /v1/classify``: one message per text."""
 
-    top_k: StrictInt = Field(3, ge=1, description="How many intents to list per text.")
+    top_k: StrictInt = Field(
+        3,
+        ge=1,
+        json_schema_extra={"maximum": get_settings().max_top_k},
+        description="How many intents to list per text.",
+    )
     explain: list[ClassifyMethod] = Field(
         default_factory=list, description="Explanation methods; 'attention' is free."
     )
