@@ -246,7 +246,8 @@ class WorkerHandle:
                         break
                     request = held.pop(message[1], None)
                     if request is not None:
-                        self.supervisor.answer(request, message[0], message[2:])
+                        value = message[2] if len(message) > 2 else None
+                        self.supervisor.answer(request, message[0], value)
                 elif self.process.sentinel in ready or not self.alive():
                     raise EOFError
         except (EOFError, OSError, BrokenPipeError):
@@ -269,14 +270,14 @@ class WorkerHandle:
         self.supervisor.shared.ready[self.slot] = 0
         if self.supervisor.stopping:
             return
-        code = self.process.exitcode if self.process is not None else None
-        logger.error("%s %s (exit code %s); starting a new one", self.name, why, code)
         with contextlib.suppress(OSError):
             self.conn.close()
-        if self.process is not None and self.process.is_alive():
+        if self.process.is_alive():
             self.process.kill()
-        if self.process is not None:
-            self.process.join(5)
+        self.process.join(5)
+        logger.error(
+            "%s %s (exit code %s); starting a new one", self.name, why, self.process.exitcode
+        )
         if self.restarts:
             # A worker that cannot even load its model is not restarted in a tight loop.
             time.sleep(min(MAX_RESTART_DELAY_S, 0.5 * 2**self.restarts))
@@ -340,16 +341,20 @@ class Supervisor:
         with self._lock:
             compat.set_worker_processes(self.server, [h.process for h in self.handles])
 
-    def answer(self, request: QueuedRequest, kind: str, message: tuple) -> None:
-        """Release the request's slots (its work is over), then answer its HTTP process."""
+    def answer(self, request: QueuedRequest, kind: str, value: Any = None) -> None:
+        """Release the request's slots (its work is over), then answer its HTTP process.
+
+        ``kind`` is ``ok`` (``value``: the body), ``error`` (``value``: status, detail
+        and optionally headers) or ``expired`` (its client was answered 504 already).
+        """
         self.shared.release(request.slots)
         if kind == "ok":
-            compat.send_response(self.server, request.consumer, request.uid, message[0], ok=True)
+            compat.send_response(self.server, request.consumer, request.uid, value, ok=True)
             return
         if kind == "expired":
             error = (504, "no answer within the request timeout; try again later", {})
         else:
-            error = message[0] if len(message[0]) == 3 else (*message[0], {})
+            error = value if len(value) == 3 else (*value, {})
         compat.send_response(self.server, request.consumer, request.uid, error, ok=False)
 
     def stop(self) -> None:
