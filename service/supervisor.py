@@ -284,14 +284,15 @@ class WorkerHandle:
         self.restarts += 1
         self.supervisor.replaced(self, self.spawn())
 
-    def stop(self) -> None:
+    def ask_to_stop(self) -> None:
         with contextlib.suppress(OSError):
             self.conn.send(None)
-        if self.process is not None:
+
+    def stop(self) -> None:
+        self.process.join(5)
+        if self.process.is_alive():
+            self.process.kill()
             self.process.join(5)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(5)
 
 
 class Supervisor:
@@ -366,5 +367,7 @@ class Supervisor:
             dispatcher.wake_all()
         for thread in self.threads:
             thread.join(5)
+        for handle in self.handles:
+            handle.ask_to_stop()
         for handle in self.handles:
             handle.stop()

@@ -109,6 +109,7 @@ class SupervisedLoop(LitLoop):
                 time.sleep(HEARTBEAT_S)
 
         threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+        logger.info("model loaded on %s; serving %s", device, lit_api.api_path)
         channel.conn.send(("ready", os.getpid()))
         while True:
             try:
