@@ -61,7 +61,6 @@ class ClassifyAPI(ls.LitAPI):
     def __init__(self, settings: Settings, bundle: Path, *, expensive: bool = False):
         super().__init__(
             max_batch_size=settings.explain_batch_size if expensive else settings.max_batch_size,
-            batch_timeout=settings.batch_timeout,
             api_path="/v1/classify/explain" if expensive else "/v1/classify",
             loop=SupervisedLoop(),
         )

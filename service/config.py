@@ -46,7 +46,6 @@ class Settings:
     api_servers: int = 1
     torch_threads: int = 0
     max_batch_size: int = 32
-    batch_timeout: float = 0.005
     explain_batch_size: int = 4
     max_texts: int = 32
     max_top_k: int = 20
@@ -123,8 +122,6 @@ class Settings:
                 raise ConfigError(
                     f"SUPPORTLENS_{name.upper()} must be a positive number of seconds"
                 )
-        if self.batch_timeout < 0 or self.batch_timeout >= self.queue_timeout:
-            raise ConfigError("SUPPORTLENS_BATCH_TIMEOUT must be >= 0 and below the queue timeout")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"SUPPORTLENS_PORT must be a TCP port, got {self.port}")
         if self.workers < 0:

@@ -40,7 +40,6 @@ class SummarizeAPI(ls.LitAPI):
     def __init__(self, settings: Settings, bundle: Path):
         super().__init__(
             max_batch_size=settings.max_batch_size,
-            batch_timeout=settings.batch_timeout,
             api_path="/v1/summarize",
             loop=SupervisedLoop(),
         )

@@ -20,7 +20,7 @@ def test_settings_defaults_when_environment_is_empty():
         ("SUPPORTLENS_WORKERS", "two", "SUPPORTLENS_WORKERS must be an integer"),
         ("SUPPORTLENS_WORKERS", "-1", "SUPPORTLENS_WORKERS must be >= 0"),
         ("SUPPORTLENS_DEVICE", "tpu", "SUPPORTLENS_DEVICE must be one of auto, cpu, cuda"),
-        ("SUPPORTLENS_BATCH_TIMEOUT", "soon", "SUPPORTLENS_BATCH_TIMEOUT must be a number"),
+        ("SUPPORTLENS_QUEUE_TIMEOUT", "soon", "SUPPORTLENS_QUEUE_TIMEOUT must be a number"),
         ("SUPPORTLENS_STRICT_LENGTH", "maybe", "SUPPORTLENS_STRICT_LENGTH must be 0 or 1"),
         ("SUPPORTLENS_MAX_BATCH_SIZE", "0", "SUPPORTLENS_MAX_BATCH_SIZE must be at least 1"),
         ("SUPPORTLENS_PORT", "70000", "SUPPORTLENS_PORT must be a TCP port"),
