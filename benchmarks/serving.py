@@ -324,16 +324,18 @@ def raw_limit(bundle, texts, concurrency, total, cap, threads, device, processes
 
 
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    import httpx
+    import urllib.error
+    import urllib.request
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited early with status {process.returncode}")
         try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.5)
     raise SystemExit(f"server at {url} not ready after {timeout} s")
