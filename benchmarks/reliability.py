@@ -166,7 +166,8 @@ async def request(port: int, path: str, body: dict, timeout: float = 30) -> int:
     try:
         writer.write(
             b"POST %s HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n" % (path.encode(), len(payload))
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n"
+            % (path.encode(), len(payload))
             + payload
         )
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
@@ -239,6 +240,7 @@ def fuzz(args, work: Path) -> dict:
             capture_output=True,
             text=True,
             timeout=1800,
+            cwd=work,  # Schemathesis keeps its example database in ./.schemathesis
         )
         generated = re.search(r"(\d+) generated", result.stdout)
         failed = re.search(r"(\d+) failed", result.stdout)

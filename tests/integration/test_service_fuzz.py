@@ -49,7 +49,9 @@ def run_schemathesis(url: str, report: Path, examples: int = 800, seed: int = 1)
         "--report-ndjson-path",
         str(report),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=900, cwd=report.parent
+    )  # cwd: Schemathesis keeps its example database in ./.schemathesis
     statuses: dict[str, int] = {}
     for line in report.read_text().splitlines():
         for status in re.findall(r'"status_code":\s*(\d{3})', line):
