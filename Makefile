@@ -6,7 +6,7 @@ RUNS   ?= runs
 INTENT_BUNDLE     ?= $(RUNS)/demo-intent/bundle
 SUMMARIZER_BUNDLE ?= $(RUNS)/demo-summarizer/bundle
 
-.PHONY: install serve demo-models test test-unit test-integration test-browser lint format bench image clean
+.PHONY: install serve demo-models test test-unit test-integration test-browser lint format bench reliability image clean
 
 # The stamp is rebuilt whenever the dependency list changes.
 $(BIN)/.installed: pyproject.toml requirements/torch.txt
@@ -61,6 +61,11 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/faithfulness.py --bundle runs/banking77/bundle --sample 500
 	$(BIN)/python benchmarks/dialogsum.py --seeds 42 1 2
 	$(BIN)/python benchmarks/serving.py --bundle runs/banking77/bundle
+
+# The reliability table (benchmarks/results/reliability.md): fuzzing, overload, killed
+# workers, slow clients, drain, each on a real server with the demo models (~10 minutes).
+reliability: demo-models
+	$(BIN)/python benchmarks/reliability.py
 
 # The serving image with the demo models baked in (CONTAINER=podman works the same way).
 CONTAINER ?= docker

@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from litserve.callbacks import EventTypes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.bundle import BundleError, load_bundle, verify_bundle
@@ -319,6 +320,7 @@ async def dispatch(server: SupportLensServer, api_path: str, body: Any, slots: t
         payload=body,
         slots=slots,
     )
+    compat.trigger(server, EventTypes.ON_REQUEST, active_requests=shared.in_flight())
     try:
         shared.requests.put(request)
     except BaseException:
@@ -333,6 +335,7 @@ async def dispatch(server: SupportLensServer, api_path: str, body: Any, slots: t
             504, f"no answer within {settings.request_timeout:g} s; try again later"
         ) from None
     answer = compat.take_response(server, uid)
+    compat.trigger(server, EventTypes.ON_RESPONSE)
     if answer is None:
         raise ApiError(500, "internal error: no answer")
     payload, ok = answer

@@ -35,6 +35,7 @@ import multiprocessing as mp
 from typing import Any
 
 import litserve as ls
+from litserve.callbacks import EventTypes
 from litserve.transport.process_transport import MPQueueTransport
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
@@ -130,6 +131,11 @@ def inference_worker_args(server: ls.LitServer, lit_api, device, worker_id: int,
         server._callback_runner,
         False,
     )
+
+
+def trigger(server: ls.LitServer, event: EventTypes, **kwargs) -> None:
+    """Fire a LitServe callback event (``LitServer(callbacks=...)``) from the HTTP process."""
+    server._callback_runner.trigger_event(event.value, litserver=server, **kwargs)
 
 
 def set_worker_processes(server: ls.LitServer, processes: list) -> None:
