@@ -242,6 +242,10 @@ async def unexpected_error_handler(request: Request, error: Exception) -> JSONRe
 def build_server(settings: Settings) -> SupportLensServer:
     """The configured server, not yet running. Raises :class:`ConfigError` naming the
     environment variable when a bundle is missing, corrupt or of the wrong task."""
+    if settings.batch_timeout:
+        logger.warning(
+            "SUPPORTLENS_BATCH_TIMEOUT is ignored: batches form only while every worker is busy"
+        )
     apis: list = []
     models: dict[str, dict[str, Any]] = {}
     admissions: dict[str, Any] = {}

@@ -46,6 +46,9 @@ class Settings:
     api_servers: int = 1
     torch_threads: int = 0
     max_batch_size: int = 32
+    # Deprecated and ignored: batches now form only while every worker is busy, with no
+    # waiting. Still parsed so that deployments that set it keep starting (with a warning).
+    batch_timeout: float = 0.0
     explain_batch_size: int = 4
     max_texts: int = 32
     max_top_k: int = 20
@@ -122,6 +125,8 @@ class Settings:
                 raise ConfigError(
                     f"SUPPORTLENS_{name.upper()} must be a positive number of seconds"
                 )
+        if self.batch_timeout < 0:
+            raise ConfigError("SUPPORTLENS_BATCH_TIMEOUT must be >= 0")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"SUPPORTLENS_PORT must be a TCP port, got {self.port}")
         if self.workers < 0:

@@ -25,6 +25,7 @@ FAULT_ENV = {
     "SUPPORTLENS_REQUEST_TIMEOUT": "8",
     "SUPPORTLENS_IG_STEPS": "4",
     "SUPPORTLENS_LOG_LEVEL": "info",
+    "SUPPORTLENS_BATCH_TIMEOUT": "0.01",  # deprecated: accepted with a warning
 }
 CONVERSATION = "Customer: my card is gone. Agent: I blocked it. Customer: thanks."
 
@@ -199,3 +200,7 @@ def test_service_trickled_headers_are_cut_off(fault_server):
         sock.close()
     assert closed
     assert time.monotonic() - started < 5  # the 2 s header timeout
+
+
+def test_service_warns_that_the_batch_timeout_is_ignored(fault_server):
+    assert "SUPPORTLENS_BATCH_TIMEOUT is ignored" in fault_server.log_path.read_text()
