@@ -376,9 +376,13 @@ def _add_routes(
         if settings.log_text:
             logger.info("%s texts=%r", route, texts)
 
-    def take_slots(expensive: bool) -> tuple[str, ...]:
+    def take_slots(api_path: str, expensive: bool) -> tuple[str, ...]:
         if shared.draining.value:
             raise ApiError(503, "the server is shutting down; retry shortly", headers=retry)
+        if shared.live_workers(api_path) == 0:  # its worker is being replaced
+            raise ApiError(
+                503, f"no live model worker for {api_path}; retry shortly", headers=retry
+            )
         if not shared.try_acquire("in_flight", settings.max_in_flight):
             metrics.REJECTED.labels(reason="overloaded").inc()
             raise ApiError(
@@ -433,7 +437,7 @@ def _add_routes(
             await admit(classify_admission.check(body.texts, body.top_k, body.explain))
             expensive = any(method not in CHEAP_METHODS for method in body.explain)
             path = "/v1/classify/explain" if expensive else "/v1/classify"
-            return await dispatch(server, path, body, take_slots(expensive))
+            return await dispatch(server, path, body, take_slots(path, expensive))
 
         route("/v1/classify", classify)
 
@@ -443,7 +447,7 @@ def _add_routes(
         async def summarize(body) -> Any:
             log_texts("/v1/summarize", body.texts)
             await admit(summarize_admission.check(body.texts, body.explain))
-            return await dispatch(server, "/v1/summarize", body, take_slots(False))
+            return await dispatch(server, "/v1/summarize", body, take_slots("/v1/summarize", False))
 
         route("/v1/summarize", summarize)
 

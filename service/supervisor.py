@@ -133,6 +133,13 @@ class Dispatcher:
             self.shared.queue_depth[self.index] = len(self.waiting)
         return runnable, expired
 
+    def take_all(self) -> list[QueuedRequest]:
+        with self.changed:
+            waiting = list(self.waiting)
+            self.waiting.clear()
+            self.shared.queue_depth[self.index] = 0
+        return waiting
+
     def wake_all(self) -> None:
         with self.changed:
             self.changed.notify_all()
@@ -255,10 +262,8 @@ class WorkerHandle:
                 self.supervisor.answer(
                     request,
                     "error",
-                    (
-                        503,
-                        "the model worker handling this request stopped; retry shortly",
-                        {"Retry-After": str(self.supervisor.settings.retry_after)},
+                    self.supervisor.unavailable(
+                        "the model worker handling this request stopped; retry shortly"
                     ),
                 )
             held.clear()
@@ -267,9 +272,15 @@ class WorkerHandle:
             self.supervisor.answer(request, "error", (500, "internal error: no answer"))
 
     def replace(self, why: str) -> None:
-        self.supervisor.shared.ready[self.slot] = 0
+        shared = self.supervisor.shared
+        shared.ready[self.slot] = 0
         if self.supervisor.stopping:
             return
+        if shared.live_workers(self.lit_api.api_path) == 0:
+            # No worker left for this API until the new one has loaded its model: what
+            # waits would only time out, so it is answered now (and retried elsewhere).
+            for request in self.dispatcher.take_all():
+                self.supervisor.answer(request, "error", self.supervisor.unavailable())
         with contextlib.suppress(OSError):
             self.conn.close()
         if self.process.is_alive():
@@ -341,6 +352,9 @@ class Supervisor:
     def replaced(self, handle: WorkerHandle, process: mp.process.BaseProcess) -> None:
         with self._lock:
             compat.set_worker_processes(self.server, [h.process for h in self.handles])
+
+    def unavailable(self, detail: str = "no live model worker for this route; retry shortly"):
+        return 503, detail, {"Retry-After": str(self.settings.retry_after)}
 
     def answer(self, request: QueuedRequest, kind: str, value: Any = None) -> None:
         """Release the request's slots (its work is over), then answer its HTTP process.

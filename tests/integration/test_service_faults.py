@@ -121,8 +121,13 @@ def test_service_held_request_fails_at_once_and_readiness_follows_live_workers(f
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     assert "retry" in response.json()["detail"]
     assert answered_after < 1.5
-    # No summarize worker for a moment: not ready; ready again once it is replaced.
+    # No summarize worker for a moment: not ready, and new requests are answered 503 at
+    # once instead of waiting for the replacement; ready again once it is replaced.
     assert requests.get(f"{url}/health", timeout=5).status_code == 503
+    started = time.monotonic()
+    meanwhile = requests.post(f"{url}/v1/summarize", json={"text": CONVERSATION}, timeout=30)
+    assert meanwhile.status_code == 503 and meanwhile.headers["Retry-After"] == "1"
+    assert time.monotonic() - started < 1
     wait_new_worker(fault_server, "v1-summarize", {summarizer})
     wait_health(url, 200, 30)
     ok = requests.post(f"{url}/v1/summarize", json={"text": CONVERSATION}, timeout=30)
