@@ -16,7 +16,7 @@ that API. So this module owns the path from the HTTP processes to the workers:
   worker is busy; an idle worker runs a lone request at once;
 - the answers come back over the same pipe and go to the HTTP process that asked,
   over a queue written only by the main process;
-- a worker whose process ends, or whose heartbeat stops for
+- a worker whose process ends, or whose heartbeat the supervisor sees unchanged for
   ``SUPPORTLENS_WORKER_HANG_TIMEOUT`` seconds (then it is killed), is replaced at
   once; the requests it held are answered 503 with ``Retry-After`` right away, and
   readiness is false only while an API has no live worker;
@@ -42,6 +42,7 @@ from service.worker import WORKER_NAME, Job, WorkerChannel, run_worker
 
 logger = logging.getLogger("supportlens.supervisor")
 POLL_S = 0.25
+HANG_OBSERVATION_GAP_S = 2.0
 MAX_RESTART_DELAY_S = 10.0
 
 
@@ -186,6 +187,7 @@ class WorkerHandle:
         process.start()
         child_end.close()  # the worker holds the only other end: its death reads as EOF
         self.process, self.conn, self.heartbeat, self.pid = process, parent_end, heartbeat, None
+        self.last_beat, self.last_change, self.last_check = heartbeat.value, time.monotonic(), 0.0
         return process
 
     # The thread ------------------------------------------------------------------
@@ -229,7 +231,14 @@ class WorkerHandle:
     def alive(self) -> bool:
         if not self.process.is_alive():
             return False
-        if time.monotonic() - self.heartbeat.value > self.supervisor.settings.worker_hang_timeout:
+        now, beat = time.monotonic(), self.heartbeat.value
+        if beat != self.last_beat or now - self.last_check > HANG_OBSERVATION_GAP_S:
+            # A new heartbeat, or this thread itself did not run for a while (the whole
+            # server was paused, e.g. SIGSTOP to its process group): the clock restarts,
+            # as a gap this thread did not watch proves nothing about the worker.
+            self.last_beat, self.last_change = beat, now
+        self.last_check = now
+        if now - self.last_change > self.supervisor.settings.worker_hang_timeout:
             logger.error(
                 "%s (pid %d) sent no heartbeat for %.0f s: killing it",
                 self.name,
