@@ -194,20 +194,27 @@ class WorkerHandle:
 
     def run(self) -> None:
         while not self.supervisor.stopping:
-            if self.pid is None and not self.wait_ready():
-                self.replace("exited while loading its model")
-                continue
-            runnable, expired = self.dispatcher.take(self.lit_api.max_batch_size, POLL_S)
-            for request in expired:
-                self.supervisor.answer(
-                    request,
-                    "error",
-                    (504, "request waited too long for a model worker; retry later"),
-                )
-            if runnable:
-                self.run_batch(runnable)
-            elif not self.alive():
-                self.replace("stopped")
+            try:
+                self.step()
+            except Exception:  # the thread must outlive any bug: its worker depends on it
+                logger.exception("%s: supervision step failed", self.name)
+                time.sleep(POLL_S)
+
+    def step(self) -> None:
+        if self.pid is None and not self.wait_ready():
+            self.replace("exited while loading its model")
+            return
+        runnable, expired = self.dispatcher.take(self.lit_api.max_batch_size, POLL_S)
+        for request in expired:
+            self.supervisor.answer(
+                request,
+                "error",
+                (504, "request waited too long for a model worker; retry later"),
+            )
+        if runnable:
+            self.run_batch(runnable)
+        elif not self.alive():
+            self.replace("stopped")
 
     def wait_ready(self) -> bool:
         """Wait for the worker's ``ready``; False when it ended first."""
