@@ -198,6 +198,8 @@ class SteadyLoad:
             status = await request(self.port, self.path, self.body(i))
             self.results.append((time.time(), status))
             i += self.clients
+            if status in (429, 503):
+                await asyncio.sleep(1.0)  # a polite client: Retry-After is 1 s by default
 
     async def _run(self) -> None:
         await asyncio.gather(*(self._client(r) for r in range(self.clients)))
@@ -331,16 +333,21 @@ def kill_workers(args, work: Path) -> dict:
                 time.sleep(0.05)
             kills.append({"api": "/v1/summarize", "recovery_s": time.time() - killed_at})
             time.sleep(1)
-        results += summarize_load.results
         alive = server.process.poll() is None
     finally:
         server.stop()
-    mix = Counter(str(s) for _, s in results)
-    lost = sum(n for s, n in mix.items() if s not in ("200", "503"))
+    classify_mix = Counter(str(s) for _, s in results)
+    summarize_mix = Counter(str(s) for _, s in summarize_load.results)
+    lost = sum(
+        n
+        for mix in (classify_mix, summarize_mix)
+        for s, n in mix.items()
+        if s not in ("200", "503")
+    )
     return {
         "kills": kills,
-        "requests": len(results),
-        "status_mix": dict(sorted(mix.items())),
+        "classify_status_mix": dict(sorted(classify_mix.items())),
+        "summarize_status_mix": dict(sorted(summarize_mix.items())),
         "lost": lost,
         "main_process_alive": alive,
     }
@@ -454,9 +461,11 @@ def render(run: dict) -> str:
             f"{cell['served_rps']:g} req/s served; statuses {cell['status_mix']} |"
         )
     lines += [
-        f"| `kill -9` of model workers under load ({len(kills['kills'])} kills, 8 + 2 clients) | "
-        f"replacement ready after {recovery}; {kills['requests']} requests: "
-        f"{kills['status_mix']}; {kills['lost']} lost; main process alive: "
+        f"| `kill -9` of model workers under load: {len(kills['kills']) - 1} times one of the 2 "
+        "classify workers (8 clients), then the only summarize worker (2 clients); clients wait "
+        f"Retry-After on 503 | replacement ready after {recovery}; classify requests "
+        f"{kills['classify_status_mix']}, summarize requests {kills['summarize_status_mix']}; "
+        f"{kills['lost']} lost (no answer, or an error other than 503); main process alive: "
         f"{kills['main_process_alive']} |",
         f"| slow clients: {slow['stalled_uploads']} stalled uploads, in-flight limit "
         f"{slow['in_flight_limit']}, body timeout 5 s | stalled ones got "
