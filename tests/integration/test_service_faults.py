@@ -22,6 +22,7 @@ FAULT_ENV = {
     "SUPPORTLENS_WORKER_HANG_TIMEOUT": "2",
     "SUPPORTLENS_BODY_TIMEOUT": "2",
     "SUPPORTLENS_HEADER_TIMEOUT": "2",
+    "SUPPORTLENS_KEEP_ALIVE_TIMEOUT": "1",
     "SUPPORTLENS_REQUEST_TIMEOUT": "8",
     "SUPPORTLENS_IG_STEPS": "4",
     "SUPPORTLENS_LOG_LEVEL": "info",
@@ -209,3 +210,17 @@ def test_service_trickled_headers_are_cut_off(fault_server):
 
 def test_service_warns_that_the_batch_timeout_is_ignored(fault_server):
     assert "SUPPORTLENS_BATCH_TIMEOUT is ignored" in fault_server.log_path.read_text()
+
+
+def test_service_closes_idle_keep_alive_connections(fault_server):
+    sock = socket.create_connection(("127.0.0.1", fault_server.port), timeout=10)
+    try:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        sock.settimeout(10)
+        while sock.recv(4096):  # until the server closes the idle connection
+            pass
+        assert time.monotonic() - started < 5  # the 1 s keep-alive timeout
+    finally:
+        sock.close()
