@@ -6,7 +6,7 @@ RUNS   ?= runs
 INTENT_BUNDLE     ?= $(RUNS)/demo-intent/bundle
 SUMMARIZER_BUNDLE ?= $(RUNS)/demo-summarizer/bundle
 
-.PHONY: install constraints audit serve demo-models test test-unit test-integration test-browser lint format bench image image-train image-cuda image-test deploy-deps deploy-check clean
+.PHONY: install constraints audit serve demo-models test test-unit test-integration test-browser lint format bench reliability image image-train image-cuda image-test deploy-deps deploy-check clean
 
 # The stamp is rebuilt whenever the dependency list or the pinned versions change.
 # requirements/constraints.txt pins every package to the versions the tests ran with, so two
@@ -96,6 +96,11 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/faithfulness.py --bundle runs/banking77/bundle --sample 500
 	$(BIN)/python benchmarks/dialogsum.py --seeds 42 1 2
 	$(BIN)/python benchmarks/serving.py --bundle runs/banking77/bundle
+
+# The reliability table (benchmarks/results/reliability.md): fuzzing, overload, killed
+# workers, slow clients, drain, each on a real server with the demo models (~10 minutes).
+reliability: demo-models
+	$(BIN)/python benchmarks/reliability.py
 
 # Images (deploy/README.md): the slim CPU serving image, the CPU image for Jobs, the CUDA
 # image. CONTAINER=podman works the same way; IMAGE_BUILD_ARGS passes --build-arg etc.

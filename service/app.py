@@ -1,55 +1,57 @@
-"""Builds the LitServer: one LitAPI per model endpoint, the routes and the middlewares.
+"""Builds the server: one LitAPI per model endpoint, the routes and the middlewares.
 
-LitServe registers an untyped POST route per API; this module replaces the public
-ones with typed routes so that bodies are validated in the HTTP process (a bad
-request is answered there and never joins a batch), the OpenAPI document carries the
-real request/response schemas, and ``/v1/classify`` can send requests for expensive
-explanations to their own worker pool.
+Each inference route is typed by its LitAPI (the request model is the annotation of
+``decode_request``'s ``request``, the response model the return annotation of
+``encode_response``), so bodies are validated in the HTTP process, answers are
+validated against their response model, and the OpenAPI document carries both.
+A request passes, in order: the body middleware (size, read timeout), validation,
+the admission checks that need the model's tokenizer (:mod:`service.admission`), the
+in-flight bound, and only then is queued for a worker (:mod:`service.supervisor`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
+import inspect
 import logging
-import multiprocessing as mp
+import signal
 import threading
 import time
 import uuid
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any, get_args, get_type_hints
 
-import litserve as ls
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from litserve.server import RegularRequestHandler
-from litserve.utils import LitAPIStatus, ResponseBufferItem
+from litserve.callbacks import EventTypes
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.bundle import BundleError, sha256_file, verify_bundle
+from models.bundle import BundleError, load_bundle, verify_bundle
+from service import litserve_compat as compat
 from service import metrics
+from service.admission import ClassifyAdmission, Refusal, SummarizeAdmission
 from service.classify import ClassifyAPI
 from service.config import CHEAP_METHODS, ConfigError, Settings
+from service.logs import REQUEST_ID, configure_logging
 from service.middleware import (
     ApiKeyMiddleware,
-    BodySizeLimitMiddleware,
-    InFlightLimitMiddleware,
+    BodyMiddleware,
+    DrainMiddleware,
     MetricsMiddleware,
-    release,
-    try_acquire,
+    RequestContextMiddleware,
 )
 from service.schemas import (
     ERROR_RESPONSES,
     ClassifyMethod,
-    ClassifyRequest,
-    ClassifyResponse,
+    ModelsResponse,
+    ReadyResponse,
     SummarizeMethod,
-    SummarizeRequest,
-    SummarizeResponse,
 )
 from service.summarize import SummarizeAPI
+from service.supervisor import QueuedRequest, SharedState, Supervisor
 
 logger = logging.getLogger("supportlens.service")
 STATIC = Path(__file__).parent / "static"
@@ -63,106 +65,124 @@ ROUTES = (
     "/v1/classify",
     "/v1/summarize",
 )
+# LitServe's own routes that this service replaces or does not offer: its untyped
+# inference routes, its text index page, its health check, and /info (internals).
+LITSERVE_ROUTES = {"/", "/health", "/info", "/docs", "/docs/oauth2-redirect", "/redoc"}
+TASKS = {"intent": "intent-classification", "summarizer": "extractive-summarization"}
 
 
-class SupportLensServer(ls.LitServer):
-    """LitServer whose shutdown drains in-flight requests before stopping the workers.
+class ApiError(Exception):
+    """An error answer in the service's shape, with the field it names (if any)."""
 
-    LitServe's own shutdown closes the response transport before it stops the HTTP
-    processes, and a SIGTERM to the parent kills it without any shutdown at all,
-    leaving worker processes behind. Here SIGTERM (see :mod:`service.server`) sets the
-    shutdown event; the HTTP processes are then stopped first (uvicorn stops
-    accepting and finishes the requests it has, within ``drain_timeout``) while the
-    model workers keep answering, and only then are the workers stopped.
+    def __init__(self, status: int, detail: str, field: str | None = None, headers=None):
+        self.status, self.detail, self.field, self.headers = status, detail, field, headers
+
+
+class SupportLensServer(compat.LitServerHooks):
+    """LitServer with supervised workers (:mod:`service.supervisor`) and a drain.
+
+    SIGINT or SIGTERM to the main process (see :mod:`service.server`) starts the
+    drain: readiness turns false and new inference requests get 503 at once, the
+    requests in flight are answered (up to ``SUPPORTLENS_DRAIN_TIMEOUT``), then the
+    HTTP processes stop, then the workers. The HTTP processes and the workers ignore
+    those signals themselves (Ctrl+C reaches the whole process group): the main
+    process drives the shutdown.
     """
 
-    def __init__(self, *args, drain_timeout: float, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.uvicorn_graceful_timeout = drain_timeout
-        self._shutdown_lock = threading.Lock()
-        self._shutdown_done = False
-        self.uvicorn_processes: dict = {}
+    def __init__(self, apis, *, settings: Settings, shared: SharedState, **kwargs):
+        super().__init__(apis, **kwargs)
+        self.settings = settings
+        self.shared = shared
+        self.supervisor = Supervisor(self, shared, settings)
+        self.uvicorn_graceful_timeout = settings.drain_timeout
+        self._drain_started = threading.Lock()
 
-    def _init_manager(self, num_api_servers: int):
-        manager = super()._init_manager(num_api_servers)
-        # Requests reach the workers through plain multiprocessing queues (a pipe each,
-        # written by a feeder thread) instead of LitServe's manager queues: a manager
-        # queue's put is a blocking round trip to the manager process, made inside the
-        # HTTP process's event loop, and the manager has to serve every put and get.
-        context = mp.get_context("spawn")
-        for path in self.litapi_request_queues:
-            self.litapi_request_queues[path] = context.Queue()
-        return manager
+    # Main process -----------------------------------------------------------------
 
-    def _start_server(self, *args, **kwargs):
-        self.uvicorn_processes = super()._start_server(*args, **kwargs)
-        return self.uvicorn_processes
+    def on_manager(self, manager, num_api_servers: int) -> None:
+        configure_logging(self.settings.log_level, self.settings.log_format)
+        compat.use_main_process_transport(self, num_api_servers)
+
+    def launch_inference_worker(self, lit_api) -> list:
+        return self.supervisor.launch(lit_api)
+
+    def on_http_started(self, uvicorn_workers: dict) -> None:
+        self.supervisor.start()
 
     def request_shutdown(self) -> None:
-        """Ask :meth:`run` to drain and return; safe to call from a signal handler."""
-        event = self._shutdown_event
-        if event is not None:
-            # A manager proxy must not be used from inside a handler that interrupted
-            # the main thread's own call on it, so another thread sets the event.
-            threading.Thread(target=event.set, daemon=True).start()
+        """Start the drain (once); safe to call from a signal handler."""
+        if not self._drain_started.acquire(blocking=False):
+            return
+        threading.Thread(target=self._drain, name="drain", daemon=True).start()
 
-    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
-        with self._shutdown_lock:
-            if self._shutdown_done:
-                return
-            self._shutdown_done = True
-            logger.info("draining in-flight requests (up to %.0f s)", self.uvicorn_graceful_timeout)
-            processes = [
-                w for w in uvicorn_workers.values() if isinstance(w, mp.process.BaseProcess)
-            ]
-            for process in processes:
-                if process.is_alive():
-                    process.terminate()  # SIGTERM: uvicorn's graceful shutdown
-            for process in processes:
-                process.join(timeout=self.uvicorn_graceful_timeout + 5)
-                if process.is_alive():
-                    process.kill()
-                    process.join(timeout=5)
-            super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+    def _drain(self) -> None:
+        self.shared.draining.value = 1
+        logger.info(
+            "draining %d requests in flight (up to %.0f s)",
+            self.shared.in_flight(),
+            self.settings.drain_timeout,
+        )
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.shared.in_flight() > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.shared.in_flight() > 0:
+            logger.warning("drain timeout: %d requests still in flight", self.shared.in_flight())
+        compat.request_shutdown(self)
+
+    def on_shutdown(self, uvicorn_workers: dict) -> None:
+        self.shared.draining.value = 1
+        self.shared.stopping.value = 1  # each HTTP process closes its listener and exits
+        for process in uvicorn_workers.values():
+            process.join(self.settings.drain_timeout + 5)
+            if process.is_alive():
+                process.terminate()
+                process.join(5)
+        self.supervisor.stop()
+        logger.info("stopped")
+
+    # HTTP processes -----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        configure_logging(self.settings.log_level, self.settings.log_format)
+        # uvicorn installed its handlers for SIGINT/SIGTERM: keep its server object and
+        # ignore both signals; the main process says when to stop (shared.stopping).
+        uvicorn_server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+        if uvicorn_server is not None:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+        async def stop_when_told() -> None:
+            while not self.shared.stopping.value:
+                await asyncio.sleep(0.05)
+            uvicorn_server.should_exit = True
+
+        watcher = asyncio.create_task(stop_when_told()) if uvicorn_server is not None else None
+        async with super().lifespan(app):
+            yield
+        if watcher is not None:
+            watcher.cancel()
 
 
-def bundle_summary(path: Path, variable: str) -> dict[str, str]:
-    """Verify a bundle without loading it; name and version as the workers will report them."""
+def check_bundle(path: Path, which: str):
+    """Verify a bundle in the main process before any worker starts; load it for the
+    HTTP processes' checks (tokenizer, labels, limits). :class:`ConfigError` on failure."""
+    variable = f"SUPPORTLENS_{which.upper()}_BUNDLE"
+    task = TASKS[which]
     try:
-        verify_bundle(path)
+        try:
+            verify_bundle(path, task=task)
+        except TypeError:  # a verify_bundle without the task check: compare it here
+            config = verify_bundle(path)
+            if config.get("task") != task:
+                raise BundleError(
+                    f"incompatible bundle {path}: it holds a {config.get('task')!r} model, "
+                    f"expected {task!r}"
+                ) from None
+        bundle = load_bundle(path, task=task, device="cpu")
     except BundleError as error:
         raise ConfigError(f"{variable}: {error}") from None
-    training_file = path / "training.json"
-    training = json.loads(training_file.read_text()) if training_file.is_file() else {}
-    return {
-        "name": str(training.get("name") or path.name),
-        "version": sha256_file(path / "manifest.json")[:12],
-    }
-
-
-async def dispatch(server: ls.LitServer, api_path: str, payload: Any, timeout: float) -> Any:
-    """Queue ``payload`` for the workers of ``api_path`` and wait for their answer.
-
-    Replaces LitServe's request handler to bound the wait (504 instead of a hang) and
-    to drop the response slot when the client's request ends early.
-    """
-    uid = str(uuid.uuid4())
-    event = asyncio.Event()
-    server.response_buffer[uid] = ResponseBufferItem(event)
-    try:
-        server._get_request_queue(api_path).put(
-            (server.app.response_queue_id, uid, time.monotonic(), payload)
-        )
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            raise HTTPException(504, f"no answer within {timeout:g} s; try again later") from None
-        response, status = server.response_buffer[uid].response
-    finally:
-        server.response_buffer.pop(uid, None)
-    if status == LitAPIStatus.ERROR:
-        RegularRequestHandler._handle_error_response(response)
-    return response
+    return bundle
 
 
 def _field_name(location: tuple | list) -> str:
@@ -173,50 +193,77 @@ def _field_name(location: tuple | list) -> str:
     return name or "body"
 
 
+def _error_response(
+    status: int, detail: str, errors: list[dict[str, str]] | None = None, headers=None
+) -> JSONResponse:
+    return JSONResponse({"detail": detail, "errors": errors or []}, status, headers=headers)
+
+
 async def validation_error_handler(request: Request, error: RequestValidationError) -> JSONResponse:
-    """422 whose ``detail`` names each bad field (400 for a body that is not JSON)."""
+    """422 naming each bad field (400 for a body that is not JSON, 415 for a form)."""
     errors = error.errors()
-    if any(e.get("type") == "json_invalid" for e in errors):
-        message = next(e for e in errors if e.get("type") == "json_invalid").get("ctx", {})
-        reason = message.get("error", "invalid JSON")
-        return JSONResponse(
-            {"detail": f"body: malformed JSON ({reason})", "errors": None}, status_code=400
-        )
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        reason = bad_json.get("ctx", {}).get("error", "invalid JSON")
+        return _error_response(400, f"body: malformed JSON ({reason})")
     content_type = request.headers.get("content-type", "")
     if "json" not in content_type and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
-        return JSONResponse(
-            {
-                "detail": "body: expected a JSON object; send the header 'Content-Type: application/json'",
-                "errors": None,
-            },
-            status_code=415,
+        return _error_response(
+            415, "body: expected a JSON object; send the header 'Content-Type: application/json'"
         )
     fields = []
     for e in errors:
-        name = _field_name(e.get("loc", ()))
-        msg = e.get("msg", "invalid value")
-        msg = msg.removeprefix("Value error, ")
+        msg = e.get("msg", "invalid value").removeprefix("Value error, ")
         if e.get("type") == "missing":
             msg = "field required"
         elif e.get("type") == "extra_forbidden":
             msg = "unknown field"
-        fields.append({"field": name, "message": msg})
+        fields.append({"field": _field_name(e.get("loc", ())), "message": msg})
     detail = "; ".join(f"{f['field']}: {f['message']}" for f in fields)
-    return JSONResponse({"detail": detail, "errors": fields}, status_code=422)
+    return _error_response(422, detail, fields)
+
+
+async def api_error_handler(request: Request, error: ApiError) -> JSONResponse:
+    errors = [{"field": error.field, "message": error.detail}] if error.field else []
+    detail = f"{error.field}: {error.detail}" if error.field else error.detail
+    return _error_response(error.status, detail, errors, error.headers)
+
+
+async def http_error_handler(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    return _error_response(error.status_code, str(error.detail), headers=error.headers)
+
+
+async def unexpected_error_handler(request: Request, error: Exception) -> JSONResponse:
+    # The exception text may quote the request: log its type only.
+    logger.error("unexpected %s", type(error).__name__)
+    return _error_response(500, "internal error")
 
 
 def build_server(settings: Settings) -> SupportLensServer:
     """The configured server, not yet running. Raises :class:`ConfigError` naming the
-    environment variable when a bundle is missing or corrupt."""
-    apis: list[ls.LitAPI] = []
+    environment variable when a bundle is missing, corrupt or of the wrong task."""
+    if settings.batch_timeout:
+        logger.warning(
+            "SUPPORTLENS_BATCH_TIMEOUT is ignored: batches form only while every worker is busy"
+        )
+    apis: list = []
     models: dict[str, dict[str, Any]] = {}
+    admissions: dict[str, Any] = {}
     intent = settings.bundle_path("intent")
     summarizer = settings.bundle_path("summarizer")
     if intent is not None:
-        models["classify"] = bundle_summary(intent, "SUPPORTLENS_INTENT_BUNDLE")
+        from models.predictor import IntentPredictor
+
+        bundle = check_bundle(intent, "intent")
+        models["classify"] = {"name": bundle.name, "version": bundle.version}
+        admissions["classify"] = ClassifyAdmission(IntentPredictor(bundle), settings)
         apis += [ClassifyAPI(settings, intent), ClassifyAPI(settings, intent, expensive=True)]
     if summarizer is not None:
-        models["summarize"] = bundle_summary(summarizer, "SUPPORTLENS_SUMMARIZER_BUNDLE")
+        from models.summary_predictor import SummarizerPredictor
+
+        bundle = check_bundle(summarizer, "summarizer")
+        models["summarize"] = {"name": bundle.name, "version": bundle.version}
+        admissions["summarize"] = SummarizeAdmission(SummarizerPredictor(bundle), settings)
         apis.append(SummarizeAPI(settings, summarizer))
     if not apis:
         raise ConfigError(
@@ -224,25 +271,16 @@ def build_server(settings: Settings) -> SupportLensServer:
             "to a bundle directory (`make demo-models` trains the demo ones)"
         )
 
-    # Created before the HTTP processes fork, so all of them share these counters.
-    in_flight = mp.Value("i", 0)
+    workers = {api.api_path: api.workers for api in apis}
+    # Created before the HTTP processes fork, so all of them share it.
+    shared = SharedState(workers)
     middlewares = [
-        (
-            InFlightLimitMiddleware,
-            {
-                "counter": in_flight,
-                "limit": settings.max_in_flight,
-                "retry_after": settings.retry_after,
-            },
-        ),
-        (BodySizeLimitMiddleware, {"max_bytes": settings.max_body_bytes}),
+        (BodyMiddleware, {"max_bytes": settings.max_body_bytes, "timeout": settings.body_timeout}),
         (ApiKeyMiddleware, {"api_key": settings.api_key}),
-        (MetricsMiddleware, {"routes": ROUTES}),  # outermost: sees every answer
+        (DrainMiddleware, {"draining": shared.draining, "retry_after": settings.retry_after}),
+        (MetricsMiddleware, {"routes": ROUTES}),
+        (RequestContextMiddleware, {}),  # outermost: every answer gets its headers
     ]
-    workers = {
-        api.api_path: (api.workers if isinstance(api, ClassifyAPI) else settings.summarize_workers)
-        for api in apis
-    }
     server = SupportLensServer(
         apis,
         accelerator=settings.accelerator(),
@@ -250,89 +288,190 @@ def build_server(settings: Settings) -> SupportLensServer:
         timeout=settings.queue_timeout,
         middlewares=middlewares,
         model_metadata=models,
-        drain_timeout=settings.drain_timeout,
+        settings=settings,
+        shared=shared,
     )
     app: FastAPI = server.app
     app.title = "SupportLens"
     app.description = "Intent classification and extractive summarization of customer-support text, with explanations."
-    # Replace LitServe's untyped routes (and its "/" text page) with the typed ones below.
-    replaced = {api.api_path for api in apis} | {"/"}
+    app.docs_url = app.redoc_url = None
+    replaced = {api.api_path for api in apis} | LITSERVE_ROUTES
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", None) not in replaced]
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    _add_routes(app, server, settings, models)
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)
+    _add_routes(app, server, settings, models, apis, admissions)
     return server
 
 
-def _add_routes(app: FastAPI, server: SupportLensServer, settings: Settings, models: dict) -> None:
-    expensive_limit = settings.max_explain_in_flight
-    explain_in_flight = mp.Value("i", 0)  # shared by the HTTP processes, like the global bound
+async def dispatch(server: SupportLensServer, api_path: str, body: Any, slots: tuple) -> Any:
+    """Queue ``body`` for the workers of ``api_path`` and wait for their answer.
+
+    ``slots`` (already taken) are released by the main process when the work ends.
+    """
+    settings, shared = server.settings, server.shared
+    uid = uuid.uuid4().hex
+    event = compat.register_response(server, uid)
+    now = time.monotonic()
+    request = QueuedRequest(
+        api_path=api_path,
+        consumer=compat.response_queue_id(server),
+        uid=uid,
+        request_id=REQUEST_ID.get(),
+        queued_at=now,
+        deadline=now + settings.request_timeout,
+        payload=body,
+        slots=slots,
+    )
+    compat.trigger(server, EventTypes.ON_REQUEST, active_requests=shared.in_flight())
+    try:
+        shared.requests.put(request)
+    except BaseException:
+        compat.take_response(server, uid)
+        shared.release(slots)
+        raise
+    try:
+        await asyncio.wait_for(event.wait(), settings.request_timeout)
+    except TimeoutError:
+        compat.take_response(server, uid)
+        raise ApiError(
+            504, f"no answer within {settings.request_timeout:g} s; try again later"
+        ) from None
+    answer = compat.take_response(server, uid)
+    compat.trigger(server, EventTypes.ON_RESPONSE)
+    if answer is None:
+        raise ApiError(500, "internal error: no answer")
+    payload, ok = answer
+    if not ok:
+        status, detail, headers = payload
+        raise ApiError(status, detail, headers=headers or None)
+    return payload
+
+
+def _typed_endpoint(request_model, handle):
+    """An endpoint whose body is ``request_model`` (FastAPI reads ``__signature__``)."""
+
+    async def endpoint(body):
+        return await handle(body)
+
+    endpoint.__signature__ = inspect.Signature(
+        [inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=request_model)]
+    )
+    return endpoint
+
+
+def _add_routes(
+    app: FastAPI,
+    server: SupportLensServer,
+    settings: Settings,
+    models: dict,
+    apis: list,
+    admissions: dict,
+) -> None:
+    shared = server.shared
+    retry = {"Retry-After": str(settings.retry_after)}
 
     def log_texts(route: str, texts: list[str]) -> None:
         if settings.log_text:
             logger.info("%s texts=%r", route, texts)
 
-    if "classify" in models:
+    def take_slots(api_path: str, expensive: bool) -> tuple[str, ...]:
+        if shared.draining.value:
+            raise ApiError(503, "the server is shutting down; retry shortly", headers=retry)
+        if shared.live_workers(api_path) == 0:  # its worker is being replaced
+            raise ApiError(
+                503, f"no live model worker for {api_path}; retry shortly", headers=retry
+            )
+        if not shared.try_acquire("in_flight", settings.max_in_flight):
+            metrics.REJECTED.labels(reason="overloaded").inc()
+            raise ApiError(
+                429,
+                f"too many requests in flight (limit {settings.max_in_flight}); retry later",
+                headers=retry,
+            )
+        if not expensive:
+            return ("in_flight",)
+        # Expensive explanations have their own workers and their own, smaller bound.
+        if not shared.try_acquire("explain", settings.max_explain_in_flight):
+            shared.release(("in_flight",))
+            metrics.REJECTED.labels(reason="overloaded").inc()
+            raise ApiError(
+                429,
+                "too many explanation requests in flight "
+                f"(limit {settings.max_explain_in_flight}); retry later",
+                headers=retry,
+            )
+        return ("in_flight", "explain")
 
-        async def classify(body: ClassifyRequest) -> Any:
-            """Intent, calibrated score, top-k intents and optional word explanations per text."""
-            log_texts("/v1/classify", body.texts)
-            if all(method in CHEAP_METHODS for method in body.explain):
-                return JSONResponse(
-                    await dispatch(server, "/v1/classify", body, settings.request_timeout)
-                )
-            # Expensive explanations have their own workers and their own, smaller bound.
-            if not try_acquire(explain_in_flight, expensive_limit):
-                metrics.REJECTED.labels(reason="overloaded").inc()
-                raise HTTPException(
-                    429,
-                    f"too many explanation requests in flight (limit {expensive_limit}); retry later",
-                    headers={"Retry-After": str(settings.retry_after)},
-                )
-            try:
-                return JSONResponse(
-                    await dispatch(server, "/v1/classify/explain", body, settings.request_timeout)
-                )
-            finally:
-                release(explain_in_flight)
+    async def admit(check) -> None:
+        try:
+            await check
+        except Refusal as refusal:
+            metrics.REJECTED.labels(
+                reason="too_costly" if refusal.status == 413 else "invalid"
+            ).inc()
+            raise ApiError(refusal.status, refusal.detail, refusal.field) from None
 
+    by_path = {api.api_path: api for api in apis}
+
+    def route(path: str, handle) -> None:
+        api = by_path[path]
+        request_model = get_type_hints(api.decode_request)["request"]
+        response_model = get_type_hints(api.encode_response)["return"]
         app.add_api_route(
-            "/v1/classify",
-            classify,
+            path,
+            _typed_endpoint(request_model, handle),
             methods=["POST"],
-            response_model=ClassifyResponse,
+            response_model=response_model,
             responses=ERROR_RESPONSES,
             tags=["inference"],
+            summary=(api.__doc__ or "").strip().splitlines()[0],
         )
+
+    if "classify" in models:
+        classify_admission = admissions["classify"]
+
+        async def classify(body) -> Any:
+            log_texts("/v1/classify", body.texts)
+            await admit(classify_admission.check(body.texts, body.top_k, body.explain))
+            expensive = any(method not in CHEAP_METHODS for method in body.explain)
+            path = "/v1/classify/explain" if expensive else "/v1/classify"
+            return await dispatch(server, path, body, take_slots(path, expensive))
+
+        route("/v1/classify", classify)
 
     if "summarize" in models:
+        summarize_admission = admissions["summarize"]
 
-        async def summarize(body: SummarizeRequest) -> Any:
-            """Extractive summary per conversation, with every sentence's score."""
+        async def summarize(body) -> Any:
             log_texts("/v1/summarize", body.texts)
-            return JSONResponse(
-                await dispatch(server, "/v1/summarize", body, settings.request_timeout)
-            )
+            await admit(summarize_admission.check(body.texts, body.explain))
+            return await dispatch(server, "/v1/summarize", body, take_slots("/v1/summarize", False))
 
-        app.add_api_route(
-            "/v1/summarize",
-            summarize,
-            methods=["POST"],
-            response_model=SummarizeResponse,
-            responses=ERROR_RESPONSES,
-            tags=["inference"],
-        )
+        route("/v1/summarize", summarize)
 
-    @app.get("/v1/models", tags=["inference"])
-    async def served_models() -> dict[str, Any]:
+    @app.get("/v1/models", tags=["inference"], responses=ERROR_RESPONSES)
+    async def served_models() -> ModelsResponse:
         """The models served, and the explanation methods each endpoint accepts."""
-        return {
-            "models": models,
-            "default_attribution": settings.default_attribution,
-            "explain": {
+        return ModelsResponse(
+            models=models,
+            default_attribution=settings.default_attribution,
+            explain={
                 "classify": list(get_args(ClassifyMethod)),
                 "summarize": list(get_args(SummarizeMethod)),
             },
-        }
+        )
+
+    @app.get("/health", tags=["probes"], responses={503: ERROR_RESPONSES[503]})
+    async def health() -> ReadyResponse:
+        """Readiness: 503 while shutting down or while an API has no live model worker."""
+        if shared.draining.value:
+            raise ApiError(503, "shutting down", headers=retry)
+        missing = shared.unready_apis()
+        if missing:
+            raise ApiError(503, f"no live model worker for {', '.join(missing)}", headers=retry)
+        return ReadyResponse(status="ready")
 
     @app.get("/livez", tags=["probes"])
     async def livez() -> dict[str, str]:
@@ -342,10 +481,9 @@ def _add_routes(app: FastAPI, server: SupportLensServer, settings: Settings, mod
     @app.get("/metrics", tags=["probes"])
     async def prometheus_metrics() -> Response:
         """Prometheus metrics summed over all server processes."""
-        for path, queue in server.litapi_request_queues.items():
-            # The manager is gone (shutting down) or the platform cannot tell: skip it.
-            with contextlib.suppress(OSError, EOFError, NotImplementedError):
-                metrics.QUEUE_DEPTH.labels(api=path).set(queue.qsize())
+        for index, path in enumerate(shared.api_paths):
+            metrics.QUEUE_DEPTH.labels(api=path).set(shared.queue_depth[index])
+        metrics.IN_FLIGHT.set(shared.in_flight())
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

@@ -6,7 +6,10 @@ methods, so that integrated gradients for one client never delays predictions fo
 the others. The route chooses between them (see :mod:`service.app`).
 """
 
+from __future__ import annotations
+
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,16 +20,18 @@ from fastapi import HTTPException
 from transformers import BatchEncoding
 
 from service.config import CHEAP_METHODS, Settings
-from service.loop import PerRequestBatchedLoop
+from service.schemas import ClassifyRequest, ClassifyResponse
+from service.worker import EXPIRED, SupervisedLoop
 
 
 @dataclass
 class ClassifyItem:
-    """One decoded request: its texts and options."""
+    """One decoded request: its texts and options, and when its client stops waiting."""
 
     texts: list[str]
     top_k: int
     explain: list[str]
+    deadline: float = float("inf")
 
 
 @dataclass
@@ -48,14 +53,16 @@ def set_worker_threads(threads: int) -> None:
 
 
 class ClassifyAPI(ls.LitAPI):
-    """``POST /v1/classify`` on one worker pool; ``expensive=True`` is the explanation pool."""
+    """Intent, calibrated score, top-k intents and optional word explanations per text.
+
+    ``POST /v1/classify`` on one worker pool; ``expensive=True`` is the explanation pool.
+    """
 
     def __init__(self, settings: Settings, bundle: Path, *, expensive: bool = False):
         super().__init__(
             max_batch_size=settings.explain_batch_size if expensive else settings.max_batch_size,
-            batch_timeout=settings.batch_timeout,
             api_path="/v1/classify/explain" if expensive else "/v1/classify",
-            loop=PerRequestBatchedLoop(),
+            loop=SupervisedLoop(),
         )
         self.settings = settings
         self.bundle_path = str(bundle)
@@ -83,24 +90,10 @@ class ClassifyAPI(ls.LitAPI):
         self.model_info = {"name": bundle.name, "version": bundle.version}
         self.batch_sizes = metrics.BATCH_SIZE.labels(api=self.api_path)
 
-    def decode_request(self, request, **kwargs) -> ClassifyItem:
-        """Checks that need the model (the body itself was validated by the route)."""
-        labels = len(self.predictor.labels)
-        if request.top_k > labels:
-            raise HTTPException(
-                422, f"top_k: must be at most {labels}, the number of intents of this model"
-            )
-        if self.settings.strict_length:
-            limit = self.predictor.max_length
-            lengths = self.predictor.tokenizer(request.texts, add_special_tokens=True)["input_ids"]
-            for index, ids in enumerate(lengths):
-                if len(ids) > limit:
-                    raise HTTPException(
-                        422,
-                        f"texts[{index}]: {len(ids)} tokens, over the model's limit of {limit} "
-                        "(strict length mode is on)",
-                    )
-        return ClassifyItem(list(request.texts), request.top_k, list(request.explain))
+    def decode_request(self, request: ClassifyRequest, context: dict | None = None) -> ClassifyItem:
+        """The body was validated and admitted in the HTTP process (service.admission)."""
+        deadline = (context or {}).get("deadline", float("inf"))
+        return ClassifyItem(list(request.texts), request.top_k, list(request.explain), deadline)
 
     def batch(self, inputs: list[ClassifyItem]) -> ClassifyBatch:
         texts = [text for item in inputs for text in item.texts]
@@ -122,11 +115,14 @@ class ClassifyAPI(ls.LitAPI):
         predictions = self.predictor.to_predictions(output.logits, batch.truncated, top_k)
         targets = output.logits.argmax(dim=-1).tolist()
 
-        results: list[list[dict[str, Any]]] = []
+        results: list[Any] = []
         start = 0
         for item in batch.items:
             rows = range(start, start + len(item.texts))
             start += len(item.texts)
+            if item.explain and time.monotonic() > item.deadline:
+                results.append(EXPIRED)  # its client was answered 504: skip its explanations
+                continue
             item_results = []
             for row in rows:
                 prediction = predictions[row]
@@ -175,5 +171,6 @@ class ClassifyAPI(ls.LitAPI):
     def unbatch(self, output: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
         return output
 
-    def encode_response(self, output: list[dict[str, Any]], **kwargs) -> dict[str, Any]:
+    def encode_response(self, output: list[dict[str, Any]]) -> ClassifyResponse:
+        """A plain dict in the shape of ``ClassifyResponse``; the route validates it."""
         return {"model": self.model_info, "results": output}

@@ -19,6 +19,7 @@ DEFAULT_SUMMARIZER_BUNDLE = "runs/demo-summarizer/bundle"
 # in benchmarks/results/faithfulness.md.
 DEFAULT_ATTRIBUTION = "occlusion"
 DEVICES = ("auto", "cpu", "cuda")
+LOG_FORMATS = ("text", "json")
 MAX_AUTO_WORKERS = 4
 # Explanation methods cheap enough to run inside a plain prediction batch.
 CHEAP_METHODS = frozenset({"attention"})
@@ -37,6 +38,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str = ""
+    api_key_file: str = ""
     device: str = "auto"
     workers: int = 0
     explain_workers: int = 1
@@ -44,20 +46,29 @@ class Settings:
     api_servers: int = 1
     torch_threads: int = 0
     max_batch_size: int = 32
-    batch_timeout: float = 0.005
+    # Deprecated and ignored: batches now form only while every worker is busy, with no
+    # waiting. Still parsed so that deployments that set it keep starting (with a warning).
+    batch_timeout: float = 0.0
     explain_batch_size: int = 4
     max_texts: int = 32
     max_top_k: int = 20
     max_body_bytes: int = 1_000_000
     max_in_flight: int = 64
     max_explain_in_flight: int = 4
+    max_request_cost: int = 100_000
+    max_conversation_tokens: int = 4096
     retry_after: int = 1
     queue_timeout: float = 10.0
     request_timeout: float = 30.0
     drain_timeout: float = 25.0
+    body_timeout: float = 10.0
+    header_timeout: float = 10.0
+    keep_alive_timeout: float = 5.0
+    worker_hang_timeout: float = 20.0
     strict_length: bool = False
     log_text: bool = False
     log_level: str = "info"
+    log_format: str = "text"
     default_attribution: str = DEFAULT_ATTRIBUTION
     ig_steps: int = 32
 
@@ -72,6 +83,12 @@ class Settings:
             if raw is None or (raw.strip() == "" and spec.name != "api_key"):
                 continue
             values[spec.name] = _parse(name, raw.strip(), spec.default)
+        if values.get("api_key_file"):
+            if values.get("api_key"):
+                raise ConfigError(
+                    "SUPPORTLENS_API_KEY and SUPPORTLENS_API_KEY_FILE are both set; set only one"
+                )
+            values["api_key"] = read_key_file(values["api_key_file"])
         settings = cls(**values)
         settings.validate()
         return settings
@@ -88,18 +105,28 @@ class Settings:
             "max_body_bytes",
             "max_in_flight",
             "max_explain_in_flight",
+            "max_request_cost",
+            "max_conversation_tokens",
             "ig_steps",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"SUPPORTLENS_{name.upper()} must be at least 1")
-        for name in ("queue_timeout", "request_timeout", "drain_timeout"):
+        for name in (
+            "queue_timeout",
+            "request_timeout",
+            "drain_timeout",
+            "body_timeout",
+            "header_timeout",
+            "keep_alive_timeout",
+            "worker_hang_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(
                     f"SUPPORTLENS_{name.upper()} must be a positive number of seconds"
                 )
-        if self.batch_timeout < 0 or self.batch_timeout >= self.queue_timeout:
-            raise ConfigError("SUPPORTLENS_BATCH_TIMEOUT must be >= 0 and below the queue timeout")
+        if self.batch_timeout < 0:
+            raise ConfigError("SUPPORTLENS_BATCH_TIMEOUT must be >= 0")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"SUPPORTLENS_PORT must be a TCP port, got {self.port}")
         if self.workers < 0:
@@ -107,6 +134,10 @@ class Settings:
         if self.device not in DEVICES:
             raise ConfigError(
                 f"SUPPORTLENS_DEVICE must be one of {', '.join(DEVICES)}, got {self.device!r}"
+            )
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(
+                f"SUPPORTLENS_LOG_FORMAT must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}"
             )
         if self.torch_threads < 0:
             raise ConfigError("SUPPORTLENS_TORCH_THREADS must be >= 0 (0 picks one per worker)")
@@ -153,6 +184,18 @@ class Settings:
         if value == default and not path.exists():
             return None
         return path
+
+
+def read_key_file(path: str) -> str:
+    """The API key stored in ``path`` (a mounted secret), without its trailing newline."""
+    try:
+        key = Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise ConfigError(f"SUPPORTLENS_API_KEY_FILE: cannot read {path} ({reason})") from None
+    if not key.strip():
+        raise ConfigError(f"SUPPORTLENS_API_KEY_FILE: {path} is empty")
+    return key
 
 
 def available_cores() -> int:

@@ -41,8 +41,8 @@ BATCH_SIZE = Histogram(
 )
 IN_FLIGHT = Gauge(
     "supportlens_in_flight_requests",
-    "Inference requests being processed or waiting, over all HTTP processes.",
-    multiprocess_mode="livesum",
+    "Inference requests admitted whose work has not ended, sampled at scrape time.",
+    multiprocess_mode="mostrecent",
 )
 QUEUE_DEPTH = Gauge(
     "supportlens_queue_depth",

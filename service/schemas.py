@@ -6,9 +6,19 @@ worker, so a malformed request never reaches (or fails) a batch shared with othe
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import WithJsonSchema
 
 from service.config import get_settings
 
@@ -18,20 +28,50 @@ ClassifyMethod = Literal[
 SummarizeMethod = Literal["attention", "gradient_x_input"]
 
 
+# Lone surrogates (also what the raw bytes ED A0 80 decode to: JSON parsers pass
+# them through), C0 control characters other than tab, newline and carriage return,
+# DEL and the C1 controls. Refused in the HTTP process, so they never reach a model.
+_INVALID_CHARACTER = re.compile("[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def _check_text(text: str) -> str:
+    found = _INVALID_CHARACTER.search(text)
+    if found is not None:
+        code = ord(found.group())
+        kind = "a lone surrogate" if 0xD800 <= code <= 0xDFFF else "a control character"
+        raise ValueError(
+            f"contains {kind} (U+{code:04X}) at character {found.start()}; "
+            "send valid UTF-8 text without control characters"
+        )
+    if not text.strip():
+        raise ValueError("empty or only whitespace")
+    return text
+
+
+# The schema says what validation enforces, so generated clients (and fuzzers) send
+# texts that can pass: at least one non-space character.
+Text = Annotated[
+    str,
+    AfterValidator(_check_text),
+    WithJsonSchema({"type": "string", "minLength": 1, "pattern": "\\S"}),
+]
+
+
 def _check_texts(texts: list[str]) -> list[str]:
     limit = get_settings().max_texts
     if len(texts) > limit:
         raise ValueError(f"at most {limit} texts per request, got {len(texts)}")
-    for index, text in enumerate(texts):
-        if not text.strip():
-            raise ValueError(f"texts[{index}] is empty or only whitespace")
     return texts
 
 
 class _TextsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    texts: list[str] = Field(min_length=1, description="Texts to process, answered in order.")
+    texts: list[Text] = Field(
+        min_length=1,
+        json_schema_extra={"maxItems": get_settings().max_texts},
+        description="Texts to process, answered in order (at most SUPPORTLENS_MAX_TEXTS).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -53,7 +93,12 @@ class _TextsRequest(BaseModel):
 class ClassifyRequest(_TextsRequest):
     """``POST /v1/classify``: one message per text."""
 
-    top_k: StrictInt = Field(3, ge=1, description="How many intents to list per text.")
+    top_k: StrictInt = Field(
+        3,
+        ge=1,
+        json_schema_extra={"maximum": get_settings().max_top_k},
+        description="How many intents to list per text.",
+    )
     explain: list[ClassifyMethod] = Field(
         default_factory=list, description="Explanation methods; 'attention' is free."
     )
@@ -150,20 +195,34 @@ class FieldError(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """The one shape of every error answer."""
+
     detail: str = Field(description="What went wrong, naming the offending field.")
-    errors: list[FieldError] | None = None
+    errors: list[FieldError] = Field(description="One entry per bad field; may be empty.")
 
 
+class ModelsResponse(BaseModel):
+    models: dict[str, ModelInfo]
+    default_attribution: str
+    explain: dict[str, list[str]]
+
+
+class ReadyResponse(BaseModel):
+    status: str
+
+
+ERROR_DESCRIPTIONS = {
+    400: "Malformed JSON body",
+    401: "Missing or wrong API key",
+    408: "The body did not arrive within the read timeout",
+    413: "Body larger than the configured limit, or request cost over the budget",
+    415: "Body not sent as application/json",
+    422: "Invalid field (the message names it)",
+    429: "Too many requests in flight; retry after the Retry-After header",
+    503: "Not ready, shutting down, or the model worker stopped; retry after Retry-After",
+    504: "No answer within the request timeout",
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse, "description": description}
-    for code, description in {
-        400: "Malformed JSON body",
-        401: "Missing or wrong API key",
-        413: "Body larger than the configured limit",
-        415: "Body not sent as application/json",
-        422: "Invalid field (the message names it)",
-        429: "Too many requests in flight; retry after the Retry-After header",
-        503: "Not ready, or shutting down",
-        504: "The request waited too long",
-    }.items()
+    for code, description in ERROR_DESCRIPTIONS.items()
 }

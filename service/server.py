@@ -2,13 +2,13 @@
 
 Settings come from ``SUPPORTLENS_*`` environment variables (see
 :class:`service.config.Settings`); by default it serves the demo bundles under
-``runs/`` on http://localhost:8000. SIGTERM drains in-flight requests and stops every
-worker process before exiting.
+``runs/`` on http://localhost:8000. SIGTERM or SIGINT (Ctrl+C) drains the requests in
+flight and stops every worker process before exiting. A bad setting or bundle exits
+with status 2 and one line on stderr.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import signal
@@ -16,7 +16,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from service import litserve_compat as compat
 from service.config import ConfigError, get_settings
+from service.logs import configure_logging
 
 
 def prepare_metrics_dir() -> Path | None:
@@ -37,21 +39,21 @@ def prepare_metrics_dir() -> Path | None:
     return directory
 
 
-def install_sigterm_handler(server) -> None:
-    """SIGTERM in this process starts the drain; in a forked child it keeps its default."""
+def install_signal_handlers(get_server) -> None:
+    """SIGTERM and SIGINT in this process start the drain (or exit quietly before the
+    server runs); a forked HTTP process ignores them until uvicorn takes over."""
     parent = os.getpid()
 
-    def on_sigterm(signum, frame):
+    def on_signal(signum, frame):
         if os.getpid() != parent:
-            # An HTTP process inherited this handler: behave as if it were not there.
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
-        if server._shutdown_event is None:
-            raise SystemExit(128 + signum)  # nothing started yet
+            return  # an HTTP process that inherited this handler: the parent decides
+        server = get_server()
+        if server is None or not compat.shutdown_requested(server):
+            raise SystemExit(128 + signum)  # nothing started yet: nothing to drain
         server.request_shutdown()
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,21 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"supportlens-serve: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    built = []
+    install_signal_handlers(lambda: built[0] if built else None)
     metrics_dir = prepare_metrics_dir()
     try:
         from service.app import build_server  # imports prometheus_client: after the line above
+        from service.middleware import header_timeout_protocol
 
         try:
             server = build_server(settings)
         except ConfigError as error:
             print(f"supportlens-serve: {error}", file=sys.stderr)
             return 2
-        install_sigterm_handler(server)
+        built.append(server)
         host = "127.0.0.1" if settings.host == "localhost" else settings.host
         try:
             server.run(
@@ -89,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                 num_api_servers=settings.api_servers,
                 log_level=settings.log_level.lower(),
                 generate_client_file=False,
+                access_log=False,  # service.middleware writes it, without query strings
+                log_config=None,  # uvicorn logs through service.logs like everything else
+                timeout_keep_alive=settings.keep_alive_timeout,
+                http=header_timeout_protocol(settings.header_timeout),
             )
         except RuntimeError as error:  # a worker failed to load its model
             print(f"supportlens-serve: {error}", file=sys.stderr)

@@ -1,10 +1,13 @@
-"""The extractive summarization API (``POST /v1/summarize``) with dynamic batching.
+"""The extractive summarization API (``POST /v1/summarize``).
 
-Conversations are segmented in ``decode_request`` (so an empty one is refused on its
-own) and segmented, chunked and tokenized together per batch by the summarizer's
-predictor; requests with different options are run as separate sub-batches.
+Empty conversations, the per-conversation token cap and the cost budget are checked
+in the HTTP process (:mod:`service.admission`); the worker segments, chunks and
+scores one conversation at a time.
 """
 
+from __future__ import annotations
+
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,8 @@ from fastapi import HTTPException
 
 from service.classify import set_worker_threads
 from service.config import Settings
-from service.loop import PerRequestBatchedLoop
+from service.schemas import SummarizeRequest, SummarizeResponse
+from service.worker import EXPIRED, SupervisedLoop
 
 
 @dataclass
@@ -22,20 +26,29 @@ class SummarizeItem:
     texts: list[str]
     max_sentences: int
     explain: list[str]
+    deadline: float = float("inf")
 
 
 class SummarizeAPI(ls.LitAPI):
-    """``POST /v1/summarize`` on its own worker pool."""
+    """Extractive summary per conversation, with every sentence's score.
+
+    ``POST /v1/summarize`` on its own worker pool. Conversations are summarized one
+    at a time (each one's chunks in one batch), and a request whose client was
+    answered 504 stops before its next conversation.
+    """
 
     def __init__(self, settings: Settings, bundle: Path):
         super().__init__(
             max_batch_size=settings.max_batch_size,
-            batch_timeout=settings.batch_timeout,
             api_path="/v1/summarize",
-            loop=PerRequestBatchedLoop(),
+            loop=SupervisedLoop(),
         )
         self.settings = settings
         self.bundle_path = str(bundle)
+
+    @property
+    def workers(self) -> int:
+        return self.settings.summarize_workers
 
     def setup(self, device: str) -> None:
         from models.bundle import load_bundle
@@ -48,54 +61,49 @@ class SummarizeAPI(ls.LitAPI):
         self.model_info = {"name": bundle.name, "version": bundle.version}
         self.batch_sizes = metrics.BATCH_SIZE.labels(api=self.api_path)
 
-    def decode_request(self, request, **kwargs) -> SummarizeItem:
-        from models.summary_predictor import SummarizationError
-
-        for index, text in enumerate(request.texts):
-            try:
-                self.predictor.segment([text])
-            except SummarizationError:
-                raise HTTPException(
-                    422, f"texts[{index}]: no sentence or turn to summarize"
-                ) from None
-        return SummarizeItem(list(request.texts), request.max_sentences, list(request.explain))
+    def decode_request(
+        self, request: SummarizeRequest, context: dict | None = None
+    ) -> SummarizeItem:
+        """The body was validated and admitted in the HTTP process (service.admission)."""
+        deadline = (context or {}).get("deadline", float("inf"))
+        return SummarizeItem(
+            list(request.texts), request.max_sentences, list(request.explain), deadline
+        )
 
     def batch(self, inputs: list[SummarizeItem]) -> list[SummarizeItem]:
         return inputs
 
-    def predict(self, items: list[SummarizeItem]) -> list[list[dict[str, Any]]]:
+    def predict(self, items: list[SummarizeItem]) -> list[Any]:
         from models.summary_predictor import SummarizationError
 
         self.batch_sizes.observe(sum(len(item.texts) for item in items))
-        groups: dict[tuple, list[int]] = {}
-        for position, item in enumerate(items):
-            groups.setdefault((item.max_sentences, tuple(item.explain)), []).append(position)
-        outputs: list[list[dict[str, Any]]] = [[] for _ in items]
-        for (max_sentences, explain), positions in groups.items():
-            texts = [text for p in positions for text in items[p].texts]
-            try:
-                summaries = self.predictor.summarize(
-                    texts, max_sentences=max_sentences, explain=explain
-                )
-            except SummarizationError as error:
-                raise HTTPException(422, f"texts: {error}") from None
-            start = 0
-            for p in positions:
-                count = len(items[p].texts)
-                outputs[p] = [
+        outputs: list[Any] = []
+        for item in items:
+            results = []
+            for text in item.texts:
+                if time.monotonic() > item.deadline:
+                    results = EXPIRED  # its client was answered 504: stop its work here
+                    break
+                try:
+                    (summary,) = self.predictor.summarize(
+                        [text], max_sentences=item.max_sentences, explain=item.explain
+                    )
+                except SummarizationError as error:
+                    raise HTTPException(422, f"texts: {error}") from None
+                results.append(
                     {
-                        "summary": s.summary,
-                        "sentences": s.sentences,
-                        "truncated": s.truncated,
-                        "explanations": s.explanations,
+                        "summary": summary.summary,
+                        "sentences": summary.sentences,
+                        "truncated": summary.truncated,
+                        "explanations": summary.explanations,
                     }
-                    for s in summaries[start : start + count]
-                ]
-                start += count
+                )
+            outputs.append(results)
         return outputs
 
     def unbatch(self, output: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
         return output
 
-    def encode_response(self, output: list[dict[str, Any]], **kwargs) -> dict[str, Any]:
+    def encode_response(self, output: list[dict[str, Any]]) -> SummarizeResponse:
+        """A plain dict in the shape of ``SummarizeResponse``; the route validates it."""
         return {"model": self.model_info, "results": output}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -118,7 +119,8 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")[-5000:]
 
     def stop(self, timeout: float = 60) -> int:
@@ -156,9 +158,11 @@ SERVER_ENV = {
     "SUPPORTLENS_MAX_TEXTS": "8",
     "SUPPORTLENS_MAX_BODY_BYTES": "20000",
     "SUPPORTLENS_MAX_IN_FLIGHT": "4",
-    "SUPPORTLENS_BATCH_TIMEOUT": "0.05",
     "SUPPORTLENS_REQUEST_TIMEOUT": "5",
     "SUPPORTLENS_IG_STEPS": "8",
+    "SUPPORTLENS_MAX_REQUEST_COST": "5000",
+    "SUPPORTLENS_MAX_CONVERSATION_TOKENS": "300",
+    "SUPPORTLENS_LOG_LEVEL": "info",
 }
 
 
@@ -174,6 +178,15 @@ def server(tiny_bundles, tmp_path_factory):
 @pytest.fixture()
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def worker_pids(server: ServerProcess, api: str) -> list[int]:
+    """PIDs of the workers of ``api`` (e.g. ``v1-classify``) that reported ready, in order
+    (needs ``SUPPORTLENS_LOG_LEVEL=info``)."""
+    text = server.log_path.read_text(errors="replace")
+    return [
+        int(pid) for pid in re.findall(rf"supportlens-worker-{api}-\d+ ready \(pid (\d+)\)", text)
+    ]
 
 
 def model_workers(pid: int) -> list:

@@ -1,8 +1,13 @@
-"""Serving without an API key, and SIGTERM: in-flight requests answered, no process left."""
+"""Start-up and shutdown: a bad bundle, serving without a key, SIGTERM and Ctrl+C (SIGINT
+to the process group): in-flight requests answered, new ones 503, no process left."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -10,7 +15,7 @@ import psutil
 import pytest
 import requests
 
-from tests.integration.conftest import ServerProcess, model_workers
+from tests.integration.conftest import REPO, ServerProcess, model_workers
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +69,11 @@ def test_service_drains_in_flight_requests_on_sigterm_and_leaves_no_process(tiny
         assert _in_flight(server.url) == 8
         server.process.send_signal(signal.SIGTERM)
         time.sleep(1.0)
+        # Draining: not ready, and a new request is answered 503 (not reset).
+        assert requests.get(f"{server.url}/health", timeout=5).status_code == 503
+        late = requests.post(f"{server.url}/v1/classify", json={"text": "late"}, timeout=10)
+        assert late.status_code == 503 and late.headers["Retry-After"] == "1"
+        assert set(late.json()) == {"detail", "errors"}
         for worker in workers:
             worker.send_signal(signal.SIGCONT)
 
@@ -76,3 +86,84 @@ def test_service_drains_in_flight_requests_on_sigterm_and_leaves_no_process(tiny
         assert alive == [], f"orphaned processes: {[p.cmdline() for p in alive]}"
     finally:
         server.stop()
+
+
+def test_service_ctrl_c_drains_in_flight_requests_without_tracebacks(tiny_bundles, tmp_path):
+    intent, _ = tiny_bundles
+    server = ServerProcess(
+        {
+            "SUPPORTLENS_INTENT_BUNDLE": str(intent),
+            "SUPPORTLENS_SUMMARIZER_BUNDLE": "none",
+            "SUPPORTLENS_API_SERVERS": "2",
+            "SUPPORTLENS_WORKERS": "2",
+            "SUPPORTLENS_LOG_LEVEL": "info",
+            "SUPPORTLENS_LOG_FORMAT": "json",
+        },
+        tmp_path / "server.log",
+    ).wait_ready()
+    try:
+        descendants = psutil.Process(server.process.pid).children(recursive=True)
+        workers = model_workers(server.process.pid)
+        for worker in workers:
+            worker.send_signal(signal.SIGSTOP)
+        pool = ThreadPoolExecutor(20)
+        futures = [
+            pool.submit(
+                requests.post,
+                f"{server.url}/v1/classify",
+                json={"texts": [f"message number {i}"]},
+                headers={"X-Request-ID": f"in-flight-{i}"},
+                timeout=60,
+            )
+            for i in range(20)
+        ]
+        deadline = time.monotonic() + 20
+        while _in_flight(server.url) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _in_flight(server.url) == 20
+        # What Ctrl+C in the terminal does: SIGINT to every process of the group.
+        os.killpg(server.process.pid, signal.SIGINT)
+        time.sleep(1.0)
+        late = requests.post(f"{server.url}/v1/classify", json={"text": "late"}, timeout=10)
+        assert late.status_code == 503 and "Retry-After" in late.headers
+        for worker in workers:
+            worker.send_signal(signal.SIGCONT)
+
+        responses = [f.result() for f in futures]
+        pool.shutdown()
+        assert [r.status_code for r in responses] == [200] * 20
+        assert server.process.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        assert alive == [], f"orphaned processes: {[p.cmdline() for p in alive]}"
+    finally:
+        server.stop()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    entries = [json.loads(line) for line in log.splitlines() if line.strip()]
+    assert all({"time", "level", "process", "pid", "request_id"} <= set(e) for e in entries)
+    processes = {e["process"] for e in entries}
+    assert {"MainProcess", "LitServer-0", "LitServer-1"} <= processes
+    assert any(e["process"].startswith("supportlens-worker") for e in entries)
+    assert any(e["request_id"] == "in-flight-3" for e in entries)
+
+
+def test_service_refuses_a_bundle_of_the_wrong_task_with_one_line(tiny_bundles, tmp_path):
+    _, summarizer = tiny_bundles
+    result = subprocess.run(
+        [sys.executable, "-m", "service.server"],
+        cwd=REPO,
+        env={
+            **os.environ,
+            "SUPPORTLENS_INTENT_BUNDLE": str(summarizer),  # a summarizer where an intent model goes
+            "SUPPORTLENS_SUMMARIZER_BUNDLE": "none",
+            "SUPPORTLENS_PORT": "8799",
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("supportlens-serve: SUPPORTLENS_INTENT_BUNDLE:")
+    assert "intent-classification" in lines[0] and "Traceback" not in result.stderr

@@ -20,7 +20,7 @@ def test_settings_defaults_when_environment_is_empty():
         ("SUPPORTLENS_WORKERS", "two", "SUPPORTLENS_WORKERS must be an integer"),
         ("SUPPORTLENS_WORKERS", "-1", "SUPPORTLENS_WORKERS must be >= 0"),
         ("SUPPORTLENS_DEVICE", "tpu", "SUPPORTLENS_DEVICE must be one of auto, cpu, cuda"),
-        ("SUPPORTLENS_BATCH_TIMEOUT", "soon", "SUPPORTLENS_BATCH_TIMEOUT must be a number"),
+        ("SUPPORTLENS_QUEUE_TIMEOUT", "soon", "SUPPORTLENS_QUEUE_TIMEOUT must be a number"),
         ("SUPPORTLENS_STRICT_LENGTH", "maybe", "SUPPORTLENS_STRICT_LENGTH must be 0 or 1"),
         ("SUPPORTLENS_MAX_BATCH_SIZE", "0", "SUPPORTLENS_MAX_BATCH_SIZE must be at least 1"),
         ("SUPPORTLENS_PORT", "70000", "SUPPORTLENS_PORT must be a TCP port"),
@@ -64,3 +64,41 @@ def test_settings_auto_device_follows_torch(monkeypatch):
     assert Settings.from_env({}).accelerator() == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert Settings.from_env({}).accelerator() == "cuda"
+
+
+def test_settings_api_key_file_is_read_once_without_trailing_newline(tmp_path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text("s3cret-key\n")
+    settings = Settings.from_env({"SUPPORTLENS_API_KEY_FILE": str(key_file)})
+    assert settings.api_key == "s3cret-key"
+    key_file.write_text("changed\n")  # read at start-up only
+    assert settings.api_key == "s3cret-key"
+
+
+@pytest.mark.parametrize("content", [None, "", "\n"])
+def test_settings_unreadable_or_empty_key_file_names_the_variable(tmp_path, content):
+    key_file = tmp_path / "api-key"
+    if content is not None:
+        key_file.write_text(content)
+    with pytest.raises(ConfigError, match="SUPPORTLENS_API_KEY_FILE"):
+        Settings.from_env({"SUPPORTLENS_API_KEY_FILE": str(key_file)})
+
+
+def test_settings_key_and_key_file_together_are_refused(tmp_path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text("a\n")
+    with pytest.raises(ConfigError, match="SUPPORTLENS_API_KEY and SUPPORTLENS_API_KEY_FILE"):
+        Settings.from_env({"SUPPORTLENS_API_KEY": "b", "SUPPORTLENS_API_KEY_FILE": str(key_file)})
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("SUPPORTLENS_LOG_FORMAT", "xml", "SUPPORTLENS_LOG_FORMAT must be one of text, json"),
+        ("SUPPORTLENS_BODY_TIMEOUT", "0", "SUPPORTLENS_BODY_TIMEOUT must be a positive"),
+        ("SUPPORTLENS_MAX_REQUEST_COST", "0", "SUPPORTLENS_MAX_REQUEST_COST must be at least 1"),
+    ],
+)
+def test_settings_new_limits_are_validated(variable, value, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env({variable: value})

@@ -1,0 +1,143 @@
+"""Checks made in the HTTP process before a request may take a slot or reach a worker.
+
+The schemas already refused malformed bodies; what is checked here needs the model's
+tokenizer and labels (loaded once in the main process, before the HTTP processes
+fork): ``top_k`` against the model's intents, strict length, the cap on the tokens of
+one summarized conversation and the per-request cost budget.
+
+The cost of a request is counted in token passes: each text's tokens (at most the
+model's length limit for classification, where longer text is truncated) times the
+forward and backward passes its methods need: 1 for the prediction, ``attention``
+free, ``rollout`` 1, ``gradient_x_input`` 2, ``integrated_gradients`` its steps and
+``occlusion`` one per word (counted as one per token, its upper bound). Over
+``SUPPORTLENS_MAX_REQUEST_COST`` the request is refused with 413 before any work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from models.summary_predictor import SummarizationError
+from service.config import Settings
+
+# Above this many characters, tokenizing moves off the event loop.
+INLINE_CHARS = 20_000
+
+
+@dataclass
+class Refusal(Exception):
+    """A request refused before any work: status, message and the field it names."""
+
+    status: int
+    detail: str
+    field: str | None = None
+
+
+def method_passes(method: str, tokens: int, ig_steps: int) -> int:
+    """Passes over a text of ``tokens`` tokens that explanation ``method`` costs."""
+    return {
+        "attention": 0,
+        "rollout": 1,
+        "gradient_x_input": 2,
+        "integrated_gradients": ig_steps,
+        "occlusion": tokens,
+    }[method]
+
+
+def _over_budget(cost: int, limit: int) -> Refusal:
+    return Refusal(
+        413,
+        f"request cost {cost} token passes (tokens x passes per method) is over the limit "
+        f"of {limit} (SUPPORTLENS_MAX_REQUEST_COST); send fewer or shorter texts, or fewer "
+        "explanation methods",
+    )
+
+
+async def _token_counts(tokenizer, texts: list[str], special: bool) -> list[int]:
+    def count() -> list[int]:
+        ids = tokenizer(texts, add_special_tokens=special)["input_ids"]
+        return [len(row) for row in ids]
+
+    if sum(len(t) for t in texts) <= INLINE_CHARS:
+        return count()
+    return await asyncio.to_thread(count)
+
+
+class ClassifyAdmission:
+    def __init__(self, predictor, settings: Settings):
+        self.tokenizer = predictor.tokenizer
+        self.labels = len(predictor.labels)
+        self.max_length = predictor.max_length
+        self.settings = settings
+
+    def cost(self, tokens: list[int], methods: list[str]) -> int:
+        total = 0
+        for count in tokens:
+            kept = min(count, self.max_length)
+            passes = 1 + sum(method_passes(m, kept, self.settings.ig_steps) for m in methods)
+            total += kept * passes
+        return total
+
+    async def check(self, texts: list[str], top_k: int, methods: list[str]) -> None:
+        if top_k > self.labels:
+            raise Refusal(
+                422,
+                f"must be at most {self.labels}, the number of intents of this model",
+                "top_k",
+            )
+        limit = self.settings.max_request_cost
+        # Every text costs at most the length limit: count tokens only when that bound
+        # could break the budget (it never does for plain predictions by default).
+        bound = self.cost([self.max_length] * len(texts), methods)
+        if bound <= limit and not self.settings.strict_length:
+            return
+        tokens = await _token_counts(self.tokenizer, texts, special=True)
+        if self.settings.strict_length:
+            for index, count in enumerate(tokens):
+                if count > self.max_length:
+                    raise Refusal(
+                        422,
+                        f"{count} tokens, over the model's limit of {self.max_length} "
+                        "(strict length mode is on)",
+                        f"texts[{index}]",
+                    )
+        cost = self.cost(tokens, methods)
+        if cost > limit:
+            raise _over_budget(cost, limit)
+
+
+class SummarizeAdmission:
+    def __init__(self, predictor, settings: Settings):
+        self.predictor = predictor
+        self.tokenizer = predictor.tokenizer
+        self.settings = settings
+
+    async def check(self, texts: list[str], methods: list[str]) -> None:
+        def segment() -> None:
+            for index, text in enumerate(texts):
+                try:
+                    self.predictor.segment([text])
+                except SummarizationError:
+                    raise Refusal(
+                        422, "no sentence or turn to summarize", f"texts[{index}]"
+                    ) from None
+
+        if sum(len(t) for t in texts) <= INLINE_CHARS:
+            segment()
+        else:
+            await asyncio.to_thread(segment)
+        tokens = await _token_counts(self.tokenizer, texts, special=False)
+        cap = self.settings.max_conversation_tokens
+        for index, count in enumerate(tokens):
+            if count > cap:
+                raise Refusal(
+                    422,
+                    f"{count} tokens, over the limit of {cap} tokens per conversation "
+                    "(SUPPORTLENS_MAX_CONVERSATION_TOKENS); summarize it in parts",
+                    f"texts[{index}]",
+                )
+        passes = 1 + sum(method_passes(m, 0, self.settings.ig_steps) for m in methods)
+        cost = sum(tokens) * passes
+        if cost > self.settings.max_request_cost:
+            raise _over_budget(cost, self.settings.max_request_cost)

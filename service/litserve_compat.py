@@ -1,0 +1,152 @@
+"""Everything this service needs from LitServe's private internals, in one place.
+
+LitServe is pinned to the version in ``LITSERVE_VERSION`` (pyproject.toml pins the
+same); ``tests/unit/test_service_litserve_compat.py`` checks every name and signature
+used here, so an upgrade that changes them fails loudly there instead of misbehaving
+at run time. Everything else goes through LitServe's public API: ``LitAPI`` hooks
+(``setup``, typed ``decode_request``/``encode_response``, ``batch``, ``predict``,
+``unbatch``), ``LitServer(middlewares=..., callbacks=...)``, ``LitServer.run`` and
+``litserve.loops.inference_worker``.
+
+What is used, and why:
+
+- ``LitServer._init_manager``: after LitServe created its manager and transport, the
+  response transport is swapped for plain queues that only the main process writes
+  (see :mod:`service.supervisor`), and the logging LitServe set up is taken over.
+- ``LitServer.launch_inference_worker`` (called by ``run``): starts the supervised
+  workers instead of LitServe's; ``_inference_workers_config_for_api`` gives their
+  devices; ``inference_workers`` is the list LitServe stops at shutdown.
+- ``LitServer._start_worker_monitoring`` (called by ``run`` once the HTTP processes
+  run): starts the supervisor instead of LitServe's monitor, which would shut the
+  whole server down when a worker dies.
+- ``LitServer._perform_graceful_shutdown``: stops the HTTP processes before the
+  workers, so that in-flight requests are answered.
+- ``LitServer._shutdown_event``, ``_transport``, ``_callback_runner``,
+  ``workers_setup_status``, ``response_buffer`` and ``app.response_queue_id``: the
+  state behind those steps; ``ResponseBufferItem`` and the message format of the
+  transport, ``(uid, (payload, status, response_type, worker_id))``, read by the
+  response task LitServe runs in each HTTP process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+from typing import Any
+
+import litserve as ls
+from litserve.callbacks import EventTypes
+from litserve.transport.process_transport import MPQueueTransport
+from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
+
+LITSERVE_VERSION = "0.2.19"
+
+
+class LitServerHooks(ls.LitServer):
+    """``LitServer`` whose private steps call the public-named hooks below."""
+
+    def on_manager(self, manager, num_api_servers: int) -> None:
+        """After the manager and transport exist, before any worker starts."""
+
+    def on_http_started(self, uvicorn_workers: dict) -> None:
+        """After the HTTP processes were forked."""
+
+    def on_shutdown(self, uvicorn_workers: dict) -> None:
+        """Before LitServe's own shutdown (which stops what is left)."""
+
+    # LitServe internals -------------------------------------------------------
+
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        self.on_manager(manager, num_api_servers)
+        return manager
+
+    def _start_worker_monitoring(self, manager, uvicorn_workers):
+        self.on_http_started(uvicorn_workers)
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+        if getattr(self, "_shutdown_done", False):
+            return
+        self._shutdown_done = True
+        self.on_shutdown(uvicorn_workers)
+        alive = {i: w for i, w in uvicorn_workers.items() if w.is_alive()}
+        super()._perform_graceful_shutdown(manager, alive, shutdown_reason)
+
+
+def use_main_process_transport(server: ls.LitServer, num_api_servers: int) -> None:
+    """Answers travel on one plain queue per HTTP process, written only by the main process."""
+    server._transport = MPQueueTransport(None, [mp.Queue() for _ in range(num_api_servers)])
+
+
+def send_response(server: ls.LitServer, consumer: int, uid: str, payload: Any, ok: bool) -> None:
+    status = LitAPIStatus.OK if ok else LitAPIStatus.ERROR
+    server._transport.send((uid, (payload, status, LoopResponseType.REGULAR, 0)), consumer)
+
+
+def register_response(server: ls.LitServer, uid: str) -> asyncio.Event:
+    """In an HTTP process: the event set when the answer for ``uid`` arrives."""
+    event = asyncio.Event()
+    server.response_buffer[uid] = ResponseBufferItem(event)
+    return event
+
+
+def take_response(server: ls.LitServer, uid: str) -> tuple[Any, bool] | None:
+    """The answer for ``uid`` (payload, ok), or None; forgets ``uid`` either way."""
+    item = server.response_buffer.pop(uid, None)
+    if item is None or item.response is None:
+        return None
+    payload, status = item.response
+    return payload, status == LitAPIStatus.OK
+
+
+def response_queue_id(server: ls.LitServer) -> int:
+    """Which HTTP process this is (LitServe numbers them when it forks them)."""
+    return server.app.response_queue_id
+
+
+def worker_devices(server: ls.LitServer, lit_api: ls.LitAPI) -> list:
+    devices = []
+    for device in server._inference_workers_config_for_api(lit_api.api_path):
+        devices.append(device[0] if len(device) == 1 else device)
+    return devices
+
+
+def inference_worker_args(server: ls.LitServer, lit_api, device, worker_id: int, channel) -> tuple:
+    """Arguments of ``litserve.loops.inference_worker`` for one supervised worker.
+
+    ``channel`` goes where LitServe passes its request queue; the transport is unused
+    (answers go back over the channel), and LitServe's restart protocol is off.
+    The worker's setup status is registered as LitServe's launcher does: the worker
+    reports READY or ERROR into it, and ``LitServer.run`` waits on it at start-up.
+    """
+    endpoint = lit_api.api_path.split("/")[-1]
+    server.workers_setup_status[f"{endpoint}_{worker_id}"] = WorkerSetupStatus.STARTING
+    return (
+        lit_api,
+        device,
+        worker_id,
+        channel,
+        None,
+        server.workers_setup_status,
+        server._callback_runner,
+        False,
+    )
+
+
+def trigger(server: ls.LitServer, event: EventTypes, **kwargs) -> None:
+    """Fire a LitServe callback event (``LitServer(callbacks=...)``) from the HTTP process."""
+    server._callback_runner.trigger_event(event.value, litserver=server, **kwargs)
+
+
+def set_worker_processes(server: ls.LitServer, processes: list) -> None:
+    """The worker processes LitServe's shutdown terminates if they are still there."""
+    server.inference_workers = list(processes)
+
+
+def request_shutdown(server: ls.LitServer) -> None:
+    """Make ``LitServer.run`` return through its graceful shutdown."""
+    server._shutdown_event.set()
+
+
+def shutdown_requested(server: ls.LitServer) -> bool:
+    return server._shutdown_event is not None

@@ -1,0 +1,183 @@
+"""The model worker process: one LitAPI's model, serving the batches the supervisor sends.
+
+Each worker is started by :mod:`service.supervisor` with LitServe's own
+``inference_worker`` as its body (setup, setup status, the setup callbacks), and
+:class:`SupervisedLoop` as the API's loop. The loop reads its batches from a pipe of
+its own (single reader, single writer: a killed worker can corrupt nothing that
+another process uses) and writes the answers back on the same pipe; a heartbeat in
+shared memory tells the supervisor that the process still runs.
+
+Within a batch, one request's failure stays that request's failure: requests are
+decoded and encoded one by one, and when the batched ``predict`` raises, its requests
+are retried one at a time so that only the culprit gets the error.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from fastapi import HTTPException
+from litserve.callbacks import EventTypes
+from litserve.loops import LitLoop, inference_worker
+
+from service.logs import REQUEST_ID, configure_logging
+
+logger = logging.getLogger(__name__)
+WORKER_NAME = "supportlens-worker"
+HEARTBEAT_S = 0.25
+
+# Ctrl+C in a terminal signals the whole process group; the server's main process
+# drives the shutdown, so a worker ignores SIGINT from the moment its interpreter
+# imports this module (the first import of a spawned worker: its target lives here),
+# long before the model is loaded.
+if mp.current_process().name.startswith(WORKER_NAME):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class Expired:
+    """What ``predict`` returns for a request whose deadline passed before its turn."""
+
+
+EXPIRED = Expired()
+
+
+@dataclass
+class Job:
+    """One request as sent to a worker."""
+
+    uid: str
+    request_id: str
+    deadline: float  # time.monotonic(): one clock for every process of the machine
+    payload: Any
+
+
+@dataclass
+class WorkerChannel:
+    """What a worker gets in place of LitServe's shared request queue."""
+
+    conn: Connection
+    heartbeat: Any  # multiprocessing RawValue("d"): the worker's last sign of life
+
+
+def run_worker(*args) -> None:
+    """Process target: LitServe's ``inference_worker`` with this service's logging."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    lit_api = args[0]
+    configure_logging(lit_api.settings.log_level, lit_api.settings.log_format)
+    inference_worker(*args)
+
+
+def _error(error: Exception) -> tuple[int, str]:
+    if isinstance(error, HTTPException):
+        return error.status_code, str(error.detail)
+    # Never include the exception text: it may quote the user's message.
+    logger.error("request failed: %s", type(error).__name__)
+    return 500, "internal error while processing this request"
+
+
+class SupervisedLoop(LitLoop):
+    """Serves batches from a :class:`WorkerChannel` until the supervisor sends ``None``.
+
+    Answers, one message per request: ``("ok", uid, body)``, ``("error", uid,
+    (status, detail))`` or ``("expired", uid)``; then ``("idle",)`` after each batch.
+    """
+
+    def __call__(
+        self,
+        lit_api,
+        device,
+        worker_id,
+        request_queue,
+        transport,
+        workers_setup_status,
+        callback_runner,
+    ):
+        channel: WorkerChannel = request_queue
+        self.callbacks = callback_runner
+
+        def beat() -> None:
+            while True:
+                channel.heartbeat.value = time.monotonic()
+                time.sleep(HEARTBEAT_S)
+
+        threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+        logger.info("model loaded on %s; serving %s", device, lit_api.api_path)
+        channel.conn.send(("ready", os.getpid()))
+        while True:
+            try:
+                jobs = channel.conn.recv()
+            except (EOFError, OSError):
+                return
+            if jobs is None:
+                return
+            self.serve(lit_api, jobs, channel.conn)
+            channel.conn.send(("idle",))
+
+    def _event(self, event: EventTypes, lit_api) -> None:
+        self.callbacks.trigger_event(event.value, lit_api=lit_api)
+
+    def _predict(self, lit_api, inputs: list[Any]) -> list[Any]:
+        self._event(EventTypes.BEFORE_PREDICT, lit_api)
+        outputs = list(lit_api.unbatch(lit_api.predict(lit_api.batch(inputs))))
+        self._event(EventTypes.AFTER_PREDICT, lit_api)
+        return outputs
+
+    def serve(self, lit_api, jobs: list[Job], conn: Connection) -> None:
+        decoded: list[tuple[Job, Any]] = []
+        for job in jobs:
+            if time.monotonic() > job.deadline:  # already answered 504: no work for it
+                conn.send(("expired", job.uid))
+                continue
+            token = REQUEST_ID.set(job.request_id)
+            try:
+                self._event(EventTypes.BEFORE_DECODE_REQUEST, lit_api)
+                context = {"deadline": job.deadline, "request_id": job.request_id}
+                decoded.append((job, lit_api.decode_request(job.payload, context=context)))
+                self._event(EventTypes.AFTER_DECODE_REQUEST, lit_api)
+            except Exception as error:
+                conn.send(("error", job.uid, _error(error)))
+            finally:
+                REQUEST_ID.reset(token)
+        if not decoded:
+            return
+        try:
+            outputs = self._predict(lit_api, [x for _, x in decoded])
+            answered = list(zip(decoded, outputs, strict=True))
+        except Exception as error:
+            if len(decoded) == 1:
+                conn.send(("error", decoded[0][0].uid, _error(error)))
+                return
+            logger.warning(
+                "batch of %d failed (%s); retrying its requests one by one",
+                len(decoded),
+                type(error).__name__,
+            )
+            answered = []
+            for item in decoded:
+                token = REQUEST_ID.set(item[0].request_id)
+                try:
+                    answered.append((item, self._predict(lit_api, [item[1]])[0]))
+                except Exception as single_error:
+                    conn.send(("error", item[0].uid, _error(single_error)))
+                finally:
+                    REQUEST_ID.reset(token)
+        for (job, _), output in answered:
+            if output is EXPIRED:
+                conn.send(("expired", job.uid))
+                continue
+            try:
+                self._event(EventTypes.BEFORE_ENCODE_RESPONSE, lit_api)
+                body = lit_api.encode_response(output)
+                self._event(EventTypes.AFTER_ENCODE_RESPONSE, lit_api)
+            except Exception as error:
+                conn.send(("error", job.uid, _error(error)))
+                continue
+            conn.send(("ok", job.uid, body))

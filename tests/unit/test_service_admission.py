@@ -1,0 +1,107 @@
+"""Admission in the HTTP process: the cost budget and the conversation cap, before any work."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from models.summary_predictor import SummarizationError
+from service.admission import ClassifyAdmission, Refusal, SummarizeAdmission
+from service.config import Settings
+
+pytestmark = pytest.mark.unit
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word, plus [CLS] and [SEP] when asked."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, texts, add_special_tokens=True):
+        self.calls += 1
+        extra = 2 if add_special_tokens else 0
+        return {"input_ids": [[0] * (len(t.split()) + extra) for t in texts]}
+
+
+def classify(settings: Settings, max_length: int = 16):
+    tokenizer = WordTokenizer()
+    predictor = SimpleNamespace(tokenizer=tokenizer, labels=["a", "b", "c"], max_length=max_length)
+    return ClassifyAdmission(predictor, settings), tokenizer
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_admission_cost_is_tokens_times_method_passes():
+    admission, _ = classify(Settings(ig_steps=8))
+    # 4 tokens each: prediction 1 + attention 0 + gradient_x_input 2 + IG 8 + occlusion 4.
+    methods = ["attention", "gradient_x_input", "integrated_gradients", "occlusion"]
+    assert admission.cost([4, 4], methods) == 2 * 4 * (1 + 0 + 2 + 8 + 4)
+    # Text over the length limit is truncated, and costs only what is kept.
+    assert admission.cost([100], []) == 16
+
+
+def test_admission_refuses_a_request_over_the_budget_naming_the_limit():
+    admission, _ = classify(Settings(max_request_cost=500, ig_steps=32))
+    texts = ["my card was declined twice today"] * 4  # 8 tokens each
+    with pytest.raises(Refusal) as refused:
+        run(admission.check(texts, 3, ["integrated_gradients", "occlusion"]))
+    assert refused.value.status == 413
+    assert "SUPPORTLENS_MAX_REQUEST_COST" in refused.value.detail
+    assert "500" in refused.value.detail
+    run(admission.check(texts[:1], 3, []))  # the same text alone is fine
+
+
+def test_admission_skips_tokenizing_when_the_bound_fits_the_budget():
+    admission, tokenizer = classify(Settings(max_request_cost=10_000))
+    run(admission.check(["hello there"] * 8, 3, ["attention"]))
+    assert tokenizer.calls == 0
+
+
+def test_admission_top_k_over_the_labels_names_the_field():
+    admission, _ = classify(Settings())
+    with pytest.raises(Refusal) as refused:
+        run(admission.check(["hi"], 4, []))
+    assert refused.value.status == 422 and refused.value.field == "top_k"
+
+
+def test_admission_strict_length_names_the_text():
+    admission, _ = classify(Settings(strict_length=True), max_length=5)
+    with pytest.raises(Refusal) as refused:
+        run(admission.check(["short", "one two three four five six"], 3, []))
+    assert refused.value.field == "texts[1]" and "8 tokens" in refused.value.detail
+
+
+class FakeSummarizer:
+    tokenizer = WordTokenizer()
+
+    def segment(self, texts):
+        if not any(c.isalnum() for c in texts[0]):
+            raise SummarizationError("conversation 0 is empty")
+        return [[texts[0]]]
+
+
+def test_admission_caps_the_tokens_of_one_conversation():
+    admission = SummarizeAdmission(FakeSummarizer(), Settings(max_conversation_tokens=10))
+    run(admission.check(["word " * 10], []))
+    with pytest.raises(Refusal) as refused:
+        run(admission.check(["fine", "word " * 11], []))
+    assert refused.value.status == 422 and refused.value.field == "texts[1]"
+    assert "SUPPORTLENS_MAX_CONVERSATION_TOKENS" in refused.value.detail
+
+
+def test_admission_refuses_a_conversation_without_sentences():
+    admission = SummarizeAdmission(FakeSummarizer(), Settings())
+    with pytest.raises(Refusal) as refused:
+        run(admission.check(["fine", "..."], []))
+    assert refused.value.field == "texts[1]"
+
+
+def test_admission_summarize_budget_counts_gradient_passes():
+    admission = SummarizeAdmission(FakeSummarizer(), Settings(max_request_cost=100))
+    run(admission.check(["word " * 40], []))  # 40 passes
+    with pytest.raises(Refusal) as refused:
+        run(admission.check(["word " * 40], ["gradient_x_input"]))  # 40 x 3
+    assert refused.value.status == 413

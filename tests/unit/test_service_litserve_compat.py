@@ -1,0 +1,106 @@
+"""Contract with LitServe's private internals (service/litserve_compat.py).
+
+Fails loudly when a LitServe upgrade renames or reshapes what the service relies on.
+"""
+
+import inspect
+import re
+from pathlib import Path
+
+import litserve as ls
+import pytest
+from litserve import loops, server, utils
+from litserve.transport.process_transport import MPQueueTransport
+
+from service import litserve_compat
+
+pytestmark = pytest.mark.unit
+
+
+def test_litserve_is_the_pinned_version():
+    assert ls.__version__ == litserve_compat.LITSERVE_VERSION
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert f'"litserve=={litserve_compat.LITSERVE_VERSION}"' in pyproject
+
+
+def _params(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def test_litserver_private_methods_keep_their_signatures():
+    assert _params(ls.LitServer._init_manager) == ["self", "num_api_servers"]
+    assert _params(ls.LitServer._start_worker_monitoring) == ["self", "manager", "uvicorn_workers"]
+    assert _params(ls.LitServer._perform_graceful_shutdown) == [
+        "self",
+        "manager",
+        "uvicorn_workers",
+        "shutdown_reason",
+    ]
+    assert _params(ls.LitServer.launch_inference_worker) == ["self", "lit_api"]
+    assert _params(ls.LitServer._inference_workers_config_for_api) == ["self", "api_path"]
+    assert "lifespan" in vars(ls.LitServer)
+
+
+def test_litserver_run_calls_the_hooked_steps_in_order():
+    source = inspect.getsource(ls.LitServer.run)
+    steps = [
+        "self._init_manager(",
+        "self.launch_inference_worker(",
+        "self.verify_worker_status()",
+        "self._start_server(",
+        "self._start_worker_monitoring(",
+        "self._shutdown_event.wait()",
+        "self._perform_graceful_shutdown(",
+    ]
+    positions = [source.index(step) for step in steps]
+    assert positions == sorted(positions)
+    assert "if self._monitor_workers:" in source
+
+
+def test_litserver_state_used_by_the_service_exists():
+    source = inspect.getsource(ls.LitServer.__init__)
+    for attribute in ("self.response_buffer", "self._callback_runner", "self._shutdown_event"):
+        assert attribute in source
+    manager_source = inspect.getsource(ls.LitServer._init_manager)
+    assert "self.workers_setup_status = manager.dict()" in manager_source
+    assert "self._transport = " in manager_source
+    start_source = inspect.getsource(ls.LitServer._start_server)
+    assert "self.app.response_queue_id = response_queue_id" in start_source
+
+
+def test_inference_worker_signature_and_setup_status():
+    assert _params(loops.inference_worker) == [
+        "lit_api",
+        "device",
+        "worker_id",
+        "request_queue",
+        "transport",
+        "workers_setup_status",
+        "callback_runner",
+        "restart_workers",
+    ]
+    source = inspect.getsource(loops.inference_worker)
+    assert 'workers_setup_status[f"{endpoint}_{worker_id}"] = WorkerSetupStatus.READY' in source
+    assert "loop(" in source
+
+
+def test_response_task_reads_the_transport_format():
+    source = inspect.getsource(server.response_queue_to_buffer)
+    assert "uid, (*response, response_type, worker_id) = result" in source
+    assert "response_item.response = response" in source
+    fields = {f for f in utils.ResponseBufferItem.__dataclass_fields__}
+    assert {"event", "response"} <= fields
+    assert {"OK", "ERROR"} <= set(vars(utils.LitAPIStatus))
+    assert _params(MPQueueTransport.__init__) == ["self", "manager", "queues"]
+    assert _params(MPQueueTransport.send) == ["self", "item", "consumer_id"]
+
+
+def test_compat_module_is_the_only_place_with_litserve_privates():
+    service = Path(litserve_compat.__file__).parent
+    private = re.compile(r"\._(init_manager|transport|callback_runner|shutdown_event|start_worker)")
+    offenders = [
+        path.name
+        for path in service.glob("*.py")
+        if path.name != "litserve_compat.py" and private.search(path.read_text())
+    ]
+    assert offenders == []

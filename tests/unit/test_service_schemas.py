@@ -1,0 +1,33 @@
+"""Request bodies: text hygiene and field naming, checked before anything is queued."""
+
+import pytest
+from pydantic import ValidationError
+
+from service.schemas import ClassifyRequest, SummarizeRequest
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("\ud800", "lone surrogate (U+D800) at character 0"),
+        ("card \udfff lost", "lone surrogate (U+DFFF) at character 5"),
+        ("nul\x00byte", "control character (U+0000) at character 3"),
+        ("escape \x1b[31m", "control character (U+001B)"),
+        ("c1 \x85", "control character (U+0085)"),
+        ("   \n\t", "empty or only whitespace"),
+    ],
+)
+@pytest.mark.parametrize("model", [ClassifyRequest, SummarizeRequest])
+def test_schemas_refuse_invalid_text_naming_field_and_index(model, text, words):
+    with pytest.raises(ValidationError) as caught:
+        model(texts=["a fine text", text])
+    (error,) = caught.value.errors()
+    assert error["loc"] == ("texts", 1)
+    assert words in error["msg"]
+
+
+def test_schemas_keep_tabs_newlines_and_non_ascii():
+    text = "Kunde:\tMeine Karte ist weg 😟\r\nAgent: Ich sperre sie."
+    assert ClassifyRequest(text=text).texts == [text]

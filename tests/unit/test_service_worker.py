@@ -1,0 +1,97 @@
+"""The worker loop: LitServe callbacks fire, one request's failure stays its own, expired
+requests get no work."""
+
+import multiprocessing as mp
+import time
+
+import pytest
+from fastapi import HTTPException
+from litserve.callbacks import Callback, CallbackRunner
+
+from service.worker import Job, SupervisedLoop
+
+pytestmark = pytest.mark.unit
+
+
+class Recorder(Callback):
+    def __init__(self):
+        self.events = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: object.__getattribute__(self, "events").append(name)
+        return object.__getattribute__(self, name)
+
+
+class EchoAPI:
+    """Upper-cases texts; a text "bad" fails the whole batch, "refuse" is a 422."""
+
+    def __init__(self):
+        self.batches = []
+
+    def decode_request(self, request, context=None):
+        if request == "refuse":
+            raise HTTPException(422, "texts[0]: refused")
+        return request
+
+    def batch(self, inputs):
+        self.batches.append(list(inputs))
+        return inputs
+
+    def predict(self, batch):
+        if "bad" in batch:
+            raise RuntimeError("secret user text in the message")
+        return [x.upper() for x in batch]
+
+    def unbatch(self, output):
+        return output
+
+    def encode_response(self, output):
+        return {"text": output}
+
+
+def serve(jobs):
+    api, recorder = EchoAPI(), Recorder()
+    loop = SupervisedLoop()
+    loop.callbacks = CallbackRunner([recorder])
+    reader, writer = mp.Pipe(duplex=False)
+    loop.serve(api, jobs, writer)
+    answers = {}
+    while reader.poll():
+        message = reader.recv()
+        answers[message[1]] = message
+    return api, recorder, answers
+
+
+def job(uid, payload, deadline_in=30.0):
+    return Job(uid, f"rid-{uid}", time.monotonic() + deadline_in, payload)
+
+
+def test_worker_loop_fires_litserve_callbacks_in_order():
+    _, recorder, answers = serve([job("a", "hi")])
+    assert answers["a"] == ("ok", "a", {"text": "HI"})
+    assert recorder.events == [
+        "on_before_decode_request",
+        "on_after_decode_request",
+        "on_before_predict",
+        "on_after_predict",
+        "on_before_encode_response",
+        "on_after_encode_response",
+    ]
+
+
+def test_worker_loop_keeps_one_failure_to_its_request():
+    api, _, answers = serve([job("a", "one"), job("b", "bad"), job("c", "refuse"), job("d", "two")])
+    assert answers["a"] == ("ok", "a", {"text": "ONE"})
+    assert answers["d"] == ("ok", "d", {"text": "TWO"})
+    assert answers["c"] == ("error", "c", (422, "texts[0]: refused"))
+    # The failing request gets a 500 without the exception's text (it may quote the user).
+    assert answers["b"] == ("error", "b", (500, "internal error while processing this request"))
+    assert api.batches[0] == ["one", "bad", "two"]  # batched first, then one by one
+
+
+def test_worker_loop_gives_no_work_to_an_expired_request():
+    api, _, answers = serve([job("late", "x", deadline_in=-1.0), job("fine", "y")])
+    assert answers["late"] == ("expired", "late")
+    assert answers["fine"][0] == "ok"
+    assert api.batches == [["y"]]
