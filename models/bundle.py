@@ -431,6 +431,16 @@ def _number(value: Any) -> bool:
 
 def _check(path: Path, task: str | None, display: Path | None = None) -> _Checked:
     display = display or path
+    try:
+        return _check_readable(path, task, display)
+    except OSError as exc:  # e.g. a file the server's user may not read
+        name = Path(exc.filename).name if exc.filename else "a file"
+        raise BundleError(
+            f"unreadable bundle {display}: {name}: {exc.strerror or type(exc).__name__}"
+        ) from None
+
+
+def _check_readable(path: Path, task: str | None, display: Path) -> _Checked:
     if not path.is_dir():
         raise BundleError(f"no model bundle at {display}: directory does not exist")
     root = path.resolve()

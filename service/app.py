@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from litserve.callbacks import EventTypes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.bundle import BundleError, load_bundle, verify_bundle
+from models.bundle import BundleError, load_bundle
 from service import litserve_compat as compat
 from service import metrics
 from service.admission import ClassifyAdmission, Refusal, SummarizeAdmission
@@ -170,16 +170,7 @@ def check_bundle(path: Path, which: str):
     variable = f"SUPPORTLENS_{which.upper()}_BUNDLE"
     task = TASKS[which]
     try:
-        try:
-            verify_bundle(path, task=task)
-        except TypeError:  # a verify_bundle without the task check: compare it here
-            config = verify_bundle(path)
-            if config.get("task") != task:
-                raise BundleError(
-                    f"incompatible bundle {path}: it holds a {config.get('task')!r} model, "
-                    f"expected {task!r}"
-                ) from None
-        bundle = load_bundle(path, task=task, device="cpu")
+        bundle = load_bundle(path, task=task, device="cpu")  # verifies it completely first
     except BundleError as error:
         raise ConfigError(f"{variable}: {error}") from None
     return bundle

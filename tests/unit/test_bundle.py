@@ -185,6 +185,20 @@ def test_bundle_refuses_missing_listed_file_and_missing_dir(tmp_path, classifier
     assert "does not exist" in _refusal(tmp_path / "nowhere")
 
 
+def test_bundle_unreadable_file_is_one_line(tmp_path, classifier, monkeypatch):
+    # Tests run as root, which reads any file whatever its mode: make the read fail instead.
+    import models.bundle
+
+    path = _save(tmp_path, classifier)
+
+    def denied(file):
+        raise PermissionError(13, "Permission denied", str(file))
+
+    monkeypatch.setattr(models.bundle, "sha256_file", denied)
+    message = _refusal(path)
+    assert re.fullmatch(r"unreadable bundle .+: [\w.]+: Permission denied", message)
+
+
 def test_bundle_refuses_wrong_task_and_format(tmp_path, classifier):
     path = _save(tmp_path, classifier)
     assert "expected 'extractive-summarization'" in _refusal(path, task="extractive-summarization")
