@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import shutil
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -42,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from models.bundle import BundleError, load_bundle
+from models.files import atomic_path, atomic_write_json
 from models.predictor import OUT_OF_SCOPE, IntentPredictor, Prediction
 
 TASK = "intent-classification"
@@ -230,21 +229,8 @@ def _schema(keep_columns: list[str], explain: bool):
 def _atomic_parquet(table, path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_json(data: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def completed_rows(parts: Path) -> int:
@@ -267,9 +253,8 @@ def assemble(parts: Path, output: Path) -> int:
     import pyarrow.parquet as pq
 
     chunks = sorted(parts.glob("part-*.parquet"))
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
     rows = 0
-    try:
+    with atomic_path(output) as tmp:
         if output.suffix.lower() == ".parquet":
             schema = pq.read_schema(chunks[0]) if chunks else None
             with pq.ParquetWriter(tmp, schema) as writer:
@@ -285,9 +270,6 @@ def assemble(parts: Path, output: Path) -> int:
                             record["explanations"] = json.loads(record["explanations"])
                         handle.write(json.dumps(record, ensure_ascii=False) + "\n")
                         rows += 1
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return rows
 
 
@@ -385,7 +367,7 @@ def score_archive(job: ScoreJob) -> Path:
                 "remove it or pass --overwrite"
             )
     else:
-        _atomic_json(identity, meta)
+        atomic_write_json(meta, identity)
     done = completed_rows(parts)
     if done:
         logger.info("resuming at row %d of shard %d/%d", done, *job.shard)
@@ -505,14 +487,11 @@ def plot_distribution(counts: Counter, path: Path, top: int = 30) -> Path:
     ax.set_title(f"Intent distribution of {total} scored messages")
     ax.margins(x=0.2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

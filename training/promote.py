@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from models.bundle import BundleError, load_bundle, verify_bundle
+from models.files import atomic_write_json
 from models.predictor import IntentPredictor
 
 TASK = "intent-classification"
@@ -124,15 +125,6 @@ def switch(models_dir: Path, version: str, action: str, **details: Any) -> None:
     point(models_dir, CURRENT, version)
     record(models_dir, {"action": action, "from": serving, "to": version, **details})
     logger.info("%s: current -> %s (was %s)", action, version, serving)
-
-
-def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- evaluation ---------------------------------------------------------------------------
@@ -341,7 +333,7 @@ def evaluate_and_promote(
     decision = decide(candidate, candidate_metrics, serving, serving_metrics, metric, margin)
     if broken:
         decision.reason = f"the serving bundle is unusable: {broken}"
-    _atomic_json(
+    atomic_write_json(
         models_dir / VERSIONS / candidate / "promotion.json",
         {**asdict(decision), "heldout_file": str(heldout)},
     )
