@@ -49,6 +49,11 @@ class IntentPredictor:
         self.max_length = min(max_length or int(bundle.training.get("max_length", 128)), limit)
 
     @property
+    def needs_features(self) -> bool:
+        """Whether :meth:`to_predictions` needs the pooled features (``output_pooled=True``)."""
+        return self.detector is not None and self.detector.needs_features
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -78,7 +83,7 @@ class IntentPredictor:
             scores = 1.0 - probs.amax(dim=-1)  # (B,)
             flags = probs.amax(dim=-1) < self.threshold  # (B,)
         else:
-            if self.detector.needs_features and pooled is None:
+            if self.needs_features and pooled is None:
                 raise ValueError(
                     f"the {self.detector.method} out-of-scope detector needs the pooled features: "
                     "pass the whole output of IntentPredictor.forward, not its logits"
@@ -132,7 +137,7 @@ class IntentPredictor:
         return self.model(
             **self.model_inputs(encoding),
             output_pooling_weights=output_pooling_weights,
-            output_pooled=self.detector is not None and self.detector.needs_features,
+            output_pooled=self.needs_features,
         )
 
     def predict(self, texts: list[str], top_k: int = 3) -> list[Prediction]:

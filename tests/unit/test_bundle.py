@@ -508,6 +508,7 @@ def test_detector_stored_in_the_bundle_scores_identically(tmp_path, classifier, 
 def test_predictions_need_the_features_a_detector_reads(tmp_path, classifier):
     path = _save(tmp_path, classifier, detector=_detector(classifier, "knn"))
     predictor = IntentPredictor(load_bundle(path))
+    assert predictor.needs_features
     encoding, truncated = predictor.encode(TEXTS)
     output = predictor.forward(encoding)
     assert output.pooled is not None
@@ -520,6 +521,7 @@ def test_bundle_without_detector_keeps_the_confidence_rule(tmp_path, classifier)
     loaded = load_bundle(_save(tmp_path, classifier))
     assert loaded.detector is None and "ood" not in loaded.calibration
     predictor = IntentPredictor(loaded)
+    assert not predictor.needs_features
     encoding, _ = predictor.encode(TEXTS)
     assert predictor.forward(encoding).pooled is None  # nothing extra computed
     for p in predictor.predict(TEXTS):
