@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from datasets import DatasetDict
 from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.data import DataLoader
 from transformers import EvalPrediction, Trainer
 
 from models.backbone import DEFAULT_BACKBONE
@@ -48,6 +49,7 @@ from training.recipe import RecipeError
 from training.run import Evaluation, RunArguments, TrainingTask, TrainResult, run, run_cli
 
 logger = logging.getLogger("training.train_intent")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TASK = "intent-classification"
 
 
@@ -124,14 +126,18 @@ def logits_and_features(trainer: Trainer, dataset) -> tuple[np.ndarray, np.ndarr
     (Trainer's ``predict`` would return only what the model returns by default)."""
     model = trainer.model.eval()
     device = next(model.parameters()).device
+    # In order: Trainer's own evaluation loader groups by length (a shuffled order) when
+    # train_sampling_strategy is group_by_length, which would misalign the dataset's labels.
+    loader = DataLoader(
+        dataset.remove_columns([c for c in dataset.column_names if c not in MODEL_INPUTS]),
+        batch_size=trainer.args.eval_batch_size,
+        shuffle=False,
+        collate_fn=trainer.data_collator,
+    )
     logits, features = [], []
     with torch.inference_mode():
-        for batch in trainer.get_test_dataloader(dataset):
-            inputs = {
-                k: v.to(device)
-                for k, v in batch.items()
-                if k in ("input_ids", "attention_mask", "token_type_ids")
-            }
+        for batch in loader:
+            inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
             output = model(**inputs, output_pooled=True)
             logits.append(output.logits.float().cpu())
             features.append(output.pooled.float().cpu())

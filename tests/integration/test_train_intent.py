@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from datasets import Dataset
 
 from models.bundle import load_bundle
 from models.predictor import OUT_OF_SCOPE, IntentPredictor
@@ -250,3 +251,29 @@ def test_without_oos_data_the_report_shows_what_the_rule_costs(first_run):
     bundle = load_bundle(output_dir / "bundle")
     assert bundle.calibration["ood"]["method"] == "mahalanobis"
     assert "in-scope flagged" in (output_dir / "report" / "report.md").read_text()
+
+
+def test_features_and_logits_come_in_dataset_order_with_length_grouping(tmp_path, tiny_backbone):
+    # Trainer's evaluation loader shuffles by length under group_by_length; the labels the
+    # detectors and the report read are in dataset order, so the outputs must be too.
+    from transformers import Trainer, TrainingArguments
+
+    from models.backbone import load_backbone
+    from models.classifier import ClassifierConfig, IntentClassifier
+    from training.train_intent import logits_and_features
+
+    encoder, tokenizer = load_backbone(str(tiny_backbone))
+    model = IntentClassifier(ClassifierConfig(num_labels=2), encoder).eval()
+    texts = ["a", "a b c d e f g h", "a b", "a b c d e f g h i j k l", "a b c"] * 3
+    dataset = Dataset.from_dict({"text": texts, "label": [0, 1, 0, 1, 0] * 3}).map(
+        lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"]
+    )
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=4, report_to=[],
+                             train_sampling_strategy="group_by_length", use_cpu=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, processing_class=tokenizer)
+    logits, features = logits_and_features(trainer, dataset)
+    with torch.inference_mode():
+        for i, text in enumerate(texts):
+            output = model(**tokenizer([text], return_tensors="pt"), output_pooled=True)
+            torch.testing.assert_close(torch.from_numpy(logits[i]), output.logits[0])
+            torch.testing.assert_close(torch.from_numpy(features[i]), output.pooled[0])
