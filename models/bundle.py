@@ -7,7 +7,10 @@ Layout (format 2)::
                                nested under "encoder", intents in "id2label" (classifier)
       model.safetensors        all weights (save_pretrained)
       tokenizer.json, tokenizer_config.json, ...   the tokenizer (save_pretrained)
-      calibration.json         temperature, out-of-scope threshold (classifier)
+      calibration.json         temperature, out-of-scope threshold (classifier); with a
+                               detector, its settings under "ood" (method, k, threshold, sizes)
+      ood.safetensors          the out-of-scope detector's fitted statistics (classifier,
+                               optional: without it the calibrated-confidence threshold rules)
       training.json            how it was trained (recipe, data, time, versions)
       metrics.json             evaluation figures
       resolved_config.json     every training argument (when written by a training run)
@@ -43,11 +46,13 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from models.classifier import IntentClassifier
 from models.files import atomic_directory, atomic_write_json
+from models.ood import METHODS, OutOfScopeDetector
 from models.summarizer import ExtractiveSummarizer
 
 BUNDLE_FORMAT = 2
@@ -56,6 +61,7 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 CALIBRATION = "calibration.json"
+OOD_WEIGHTS = "ood.safetensors"
 TOKENIZER_CONFIG = "tokenizer_config.json"
 CONVERT_COMMAND = "supportlens-convert-bundle"
 
@@ -88,6 +94,8 @@ class Bundle:
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     version: str = ""
+    # The out-of-scope detector (ood.safetensors); None in bundles saved without one.
+    detector: OutOfScopeDetector | None = None
 
     @property
     def name(self) -> str:
@@ -135,13 +143,16 @@ def save_bundle(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     extra_files: dict[str, Any] | None = None,
+    detector: OutOfScopeDetector | None = None,
 ) -> Path:
     """Write ``model`` as a bundle at ``directory`` atomically and return its path.
 
     ``labels`` (classifier) become the config's ``id2label``. ``extra_files`` maps a file
     name to a JSON document to include (e.g. the resolved recipe); the manifest covers it
     like every other file. The bundle is checked with :func:`verify_bundle` before it is
-    renamed into place, so a bundle that would not load never appears.
+    renamed into place, so a bundle that would not load never appears. A classifier's
+    out-of-scope ``detector`` is written to ``ood.safetensors`` and its settings to
+    ``calibration.json`` under ``"ood"``.
     """
     if task not in TASKS:
         raise BundleError(f"unknown task {task!r}; known: {sorted(TASKS)}")
@@ -158,6 +169,12 @@ def save_bundle(
     with atomic_directory(final) as tmp, _quiet_progress():
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if detector is not None:
+            if task != "intent-classification":
+                raise BundleError(f"a {task!r} bundle has no out-of-scope detector")
+            calibration = {**(calibration or {}), "ood": detector.settings()}
+            tensors = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
+            save_file(tensors, str(tmp / OOD_WEIGHTS))
         documents = {
             CALIBRATION: calibration,
             "training.json": training or {},
@@ -422,7 +439,69 @@ def _check_documents(root: Path, display: Path, task: str, files: dict) -> dict[
             raise BundleError(
                 f"corrupt bundle {display}: {CALIBRATION} oos_threshold must be in [0, 1]"
             )
+    elif OOD_WEIGHTS in files:
+        raise BundleError(f"inconsistent bundle {display}: a {task!r} bundle has no {OOD_WEIGHTS}")
     return documents
+
+
+def _check_detector(
+    root: Path, display: Path, config: Any, calibration: dict[str, Any], files: dict
+) -> None:
+    """``ood.safetensors`` and ``calibration.json``'s ``"ood"`` come together, and agree
+    with each other and with the classifier's config (feature size, intents)."""
+    settings = calibration.get("ood")
+    if (settings is None) != (OOD_WEIGHTS not in files):
+        raise BundleError(
+            f"inconsistent bundle {display}: {OOD_WEIGHTS} and the 'ood' settings of "
+            f"{CALIBRATION} must come together"
+        )
+    if settings is None:
+        return
+    bad = f"inconsistent bundle {display}: {CALIBRATION} 'ood'"
+    if not isinstance(settings, dict) or settings.get("method") not in METHODS:
+        raise BundleError(f"{bad} must name a method among {', '.join(METHODS)}")
+    sizes = ("k", "feature_size", "num_labels", "bank_size")
+    if not all(isinstance(settings.get(n), int) and settings[n] >= 0 for n in sizes):
+        raise BundleError(f"{bad} must give {', '.join(sizes)} as non-negative integers")
+    threshold = settings.get("threshold")
+    if threshold is not None and not _number(threshold):
+        raise BundleError(f"{bad} threshold must be a finite number or null")
+    method, features = settings["method"], int(config.hidden_size) * int(config.pooling_heads)
+    if method != "max_prob" and settings["feature_size"] != features:
+        raise BundleError(
+            f"{bad} feature_size is {settings['feature_size']}, the classifier pools {features}"
+        )
+    if method == "mahalanobis" and settings["num_labels"] != config.num_labels:
+        raise BundleError(
+            f"{bad} num_labels is {settings['num_labels']}, the classifier has {config.num_labels}"
+        )
+    if method == "knn" and not (settings["bank_size"] > 0 and settings["k"] > 0):
+        raise BundleError(f"{bad} needs a positive bank_size and k")
+    expected = {
+        name: tuple(t.shape)
+        for name, t in OutOfScopeDetector.from_settings(settings).state_dict().items()
+    }
+    try:
+        with safe_open(str(root / OOD_WEIGHTS), framework="pt") as weights:
+            stored = {n: tuple(weights.get_slice(n).get_shape()) for n in weights.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(
+            f"corrupt bundle {display}: {OOD_WEIGHTS} has an unreadable header ({exc})"
+        ) from None
+    if stored != expected:
+        raise BundleError(
+            f"inconsistent bundle {display}: {OOD_WEIGHTS} holds shapes {stored}, "
+            f"its settings in {CALIBRATION} need {expected}"
+        )
+
+
+def _load_detector(root: Path, calibration: dict[str, Any]) -> OutOfScopeDetector | None:
+    settings = calibration.get("ood")
+    if settings is None:
+        return None
+    detector = OutOfScopeDetector.from_settings(settings)
+    detector.load_state_dict(load_file(str(root / OOD_WEIGHTS)))
+    return detector.eval()
 
 
 def _number(value: Any) -> bool:
@@ -455,6 +534,8 @@ def _check_readable(path: Path, task: str | None, display: Path) -> _Checked:
         _check_labels(display, config)
     tokenizer = _check_tokenizer(root, display, rows, config)
     documents = _check_documents(root, display, bundle_task, manifest["files"])
+    if bundle_task == "intent-classification":
+        _check_detector(root, display, config, documents[CALIBRATION], manifest["files"])
     return _Checked(bundle_task, config_dict, config, tokenizer, documents)
 
 
@@ -493,6 +574,11 @@ def load_bundle(
             f"incompatible bundle {path}: the model does not load ({type(exc).__name__}: {exc})"
         ) from None
     config = model.config
+    detector = (
+        _load_detector(root, checked.documents[CALIBRATION])
+        if checked.task == "intent-classification"
+        else None
+    )
     labels = (
         [config.id2label[i] for i in range(config.num_labels)]
         if checked.task == "intent-classification"
@@ -508,4 +594,5 @@ def load_bundle(
         training=checked.documents.get("training.json", {}),
         metrics=checked.documents.get("metrics.json", {}),
         version=sha256_file(root / MANIFEST)[:12],
+        detector=None if detector is None else detector.to(device),
     )

@@ -51,6 +51,7 @@ class ClassifierOutput(ModelOutput):
     pooling_weights: torch.Tensor | None = None  # (B, N, T)
     pooling_mask: torch.Tensor | None = None  # (B, T)
     attentions: tuple[torch.Tensor, ...] | None = None  # per layer (B, heads, T, T)
+    pooled: torch.Tensor | None = None  # (B, N*H), the features out-of-scope detection reads
 
 
 class SupportLensPreTrainedModel(PreTrainedModel):
@@ -133,11 +134,13 @@ class IntentClassifier(SupportLensPreTrainedModel):
         output_pooling_weights: bool = False,
         output_attentions: bool = False,
         pooling_mask: torch.Tensor | None = None,
+        output_pooled: bool = False,
         **kwargs,
     ) -> ClassifierOutput:
         """``pooling_mask`` (B, T) overrides the tokens pooled over; explanations pass the
         input's mask with a [PAD]-substituted baseline so both are read at the same positions.
-        Other keyword arguments (Trainer's ``num_items_in_batch``) are not used."""
+        ``output_pooled`` returns the pooled features (B, N*H) before dropout (computed anyway,
+        so asking costs nothing). Other keyword arguments (Trainer's ``num_items_in_batch``) are not used."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         encoder_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -163,4 +166,5 @@ class IntentClassifier(SupportLensPreTrainedModel):
             pooling_weights=weights if output_pooling_weights else None,
             pooling_mask=mask if output_pooling_weights else None,
             attentions=encoded.attentions if output_attentions else None,
+            pooled=pooled if output_pooled else None,
         )

@@ -15,6 +15,8 @@ like the model's weights. Fitting, threshold choice and metrics live in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -53,6 +55,30 @@ class OutOfScopeDetector(nn.Module):
             "bank", torch.zeros(bank_size if knn else 0, feature_size if knn else 0)
         )
         self.register_buffer("threshold", torch.tensor(float("inf")))
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> OutOfScopeDetector:
+        """An unfitted detector with the buffer shapes that :meth:`settings` describes."""
+        return cls(
+            settings["method"],
+            feature_size=int(settings.get("feature_size", 0)),
+            num_labels=int(settings.get("num_labels", 0)),
+            bank_size=int(settings.get("bank_size", 0)),
+            k=int(settings.get("k", 10)),
+        )
+
+    def settings(self) -> dict:
+        """What rebuilds this detector's shapes, plus its threshold (JSON-safe)."""
+        feature_size = max(self.means.shape[1], self.bank.shape[1])
+        threshold = float(self.threshold)
+        return {
+            "method": self.method,
+            "k": self.k,
+            "threshold": threshold if math.isfinite(threshold) else None,
+            "feature_size": int(feature_size),
+            "num_labels": int(self.means.shape[0]),
+            "bank_size": int(self.bank.shape[0]),
+        }
 
     def extra_repr(self) -> str:
         return f"method={self.method!r}, k={self.k}"

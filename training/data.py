@@ -10,7 +10,11 @@ Rules (also in the README):
 * every intent needs at least 2 training examples, and there must be at least 2 intents;
 * labels in the validation or test split must all occur in the training split;
 * without a validation file, a stratified ``validation_size`` part of the training
-  data is held out (seeded).
+  data is held out (seeded);
+* with ``oos_label``, rows carrying that label are out-of-scope examples, never an
+  intent: those of the training and validation data form the ``validation`` out-of-scope
+  set (they choose the out-of-scope detector and threshold), those of the test data the
+  ``test`` one.
 """
 
 from __future__ import annotations
@@ -18,10 +22,18 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, load_dataset
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Value,
+    concatenate_datasets,
+    load_dataset,
+)
 from transformers import PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
@@ -42,6 +54,8 @@ class IntentData:
     splits: DatasetDict
     labels: list[str]
     skipped: dict[str, int]
+    # Out-of-scope messages (``text`` only) by the split they evaluate: validation, test.
+    out_of_scope: dict[str, Dataset] = field(default_factory=dict)
 
 
 def load_table(path: str | Path) -> Dataset:
@@ -179,6 +193,7 @@ def load_intent_data(
     label_column: str = "label",
     validation_size: float = 0.1,
     seed: int = 42,
+    oos_label: str | None = None,
 ) -> IntentData:
     """Load, clean, check and encode the splits; hold out validation data if none is given."""
     raw: dict[str, tuple[Dataset, str]] = {}
@@ -202,6 +217,7 @@ def load_intent_data(
     for split, (dataset, source) in raw.items():
         dataset = select_columns(dataset, text_column, label_column, source)
         cleaned[split], skipped[split] = drop_empty_texts(dataset, source)
+    out_of_scope = split_out_of_scope(cleaned, oos_label) if oos_label is not None else {}
 
     train_source = raw["train"][1]
     labels = check_train_labels(cleaned["train"], train_source)
@@ -213,7 +229,31 @@ def load_intent_data(
         encoded["train"], encoded["validation"] = stratified_split(
             encoded["train"], validation_size, seed, train_source
         )
-    return IntentData(splits=DatasetDict(encoded), labels=labels, skipped=skipped)
+    return IntentData(
+        splits=DatasetDict(encoded), labels=labels, skipped=skipped, out_of_scope=out_of_scope
+    )
+
+
+def split_out_of_scope(cleaned: dict[str, Dataset], oos_label: str) -> dict[str, Dataset]:
+    """Take the rows labelled ``oos_label`` out of every split (in place); return them as
+    ``{"validation": train + validation rows, "test": test rows}`` with ``text`` only."""
+    taken: dict[str, list[Dataset]] = {"validation": [], "test": []}
+    for split, dataset in list(cleaned.items()):
+        is_oos = [label == oos_label for label in dataset[LABEL]]
+        if any(is_oos):
+            oos = dataset.select([i for i, flag in enumerate(is_oos) if flag])
+            taken["test" if split == "test" else "validation"].append(oos.select_columns(["text"]))
+            cleaned[split] = dataset.select([i for i, flag in enumerate(is_oos) if not flag])
+    for split, dataset in cleaned.items():
+        if len(dataset) == 0:
+            raise DataError(f"{split} data: every row has the out-of-scope label {oos_label!r}")
+    out = {split: concatenate_datasets(parts) for split, parts in taken.items() if parts}
+    logger.info(
+        "out-of-scope label %r: %s",
+        oos_label,
+        ", ".join(f"{len(d)} {split} message(s)" for split, d in out.items()) or "no rows",
+    )
+    return out
 
 
 def tokenize_splits(

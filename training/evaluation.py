@@ -211,6 +211,7 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"least {100 * m.get('oos_coverage', OOS_COVERAGE):g}% of the correctly classified validation messages; "
         "a prediction under it is returned as out-of-scope.",
         "",
+        *out_of_scope_markdown(m.get("out_of_scope")),
         "## Per intent",
         "",
         "| intent | precision | recall | F1 | support |",
@@ -223,6 +224,43 @@ def report_markdown(report: dict[str, Any]) -> str:
         )
     lines += ["", "![confusion matrix](confusion_matrix.png)", ""]
     return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
+def out_of_scope_markdown(oos: dict[str, Any] | None) -> list[str]:
+    """The out-of-scope section: the chosen detector and, per detector, what its threshold
+    does on the evaluated split (recall/precision/AUROC/FPR@95 need out-of-scope messages)."""
+    if not oos:
+        return []
+    lines = [
+        "## Out-of-scope detection",
+        "",
+        f"Detector in the bundle: **{oos['method']}**; threshold rule: {oos['rule']} "
+        f"({oos['n_validation_oos']} out-of-scope validation messages, "
+        f"{oos['n_test_oos']} out-of-scope evaluation messages).",
+        "",
+        "| detector | in-scope accuracy | with the rule | in-scope flagged | "
+        "OOS recall | OOS precision | AUROC | FPR@95 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method, row in oos["detectors"].items():
+        marker = " (chosen)" if method == oos["method"] else ""
+        lines.append(
+            f"| {method}{marker} | {_percent(row['in_scope_accuracy'])} | "
+            f"{_percent(row['in_scope_accuracy_with_rule'])} | {_percent(row['in_scope_flagged'])}"
+            f" | {_percent(row['oos_recall'])} | {_percent(row['oos_precision'])} | "
+            f"{_percent(row.get('auroc'))} | {_percent(row.get('fpr_at_95_tpr'))} |"
+        )
+    lines += [
+        "",
+        "Percentages. Without out-of-scope evaluation messages only the cost on in-scope "
+        "messages is measured.",
+        "",
+    ]
+    return lines
 
 
 def write_report(report: dict[str, Any], label_names: list[str], directory: Path) -> Path:

@@ -18,7 +18,7 @@ out-of-scope examples; otherwise :data:`DEFAULT_METHOD`, the best one in
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -137,6 +137,8 @@ class Choice:
     detector: OutOfScopeDetector
     validation: dict[str, dict[str, float]]
     rule: str
+    # Every method fitted, each with its threshold set by the same rule (for reports).
+    fitted: dict[str, OutOfScopeDetector] = field(default_factory=dict)
 
 
 def choose_detector(
@@ -167,17 +169,17 @@ def choose_detector(
             )
     if has_oos:
         method = max(methods, key=lambda m: report[m]["auroc"])
-    else:
-        method = DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0]
-    detector = fitted[method]
-    in_scores = score(detector, val_features, val_probs)
-    if has_oos:
-        threshold = threshold_best_accuracy(
-            in_scores, correct, score(detector, oos_features, oos_probs)
-        )
         rule = "best validation accuracy with out-of-scope examples"
     else:
-        threshold = threshold_keeping(in_scores, correct, coverage)
+        method = DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0]
         rule = f"keeps {100 * coverage:g}% of correct validation predictions in scope"
-    detector.threshold.fill_(threshold)
-    return Choice(detector, report, rule)
+    for detector in fitted.values():
+        in_scores = score(detector, val_features, val_probs)
+        if has_oos:
+            threshold = threshold_best_accuracy(
+                in_scores, correct, score(detector, oos_features, oos_probs)
+            )
+        else:
+            threshold = threshold_keeping(in_scores, correct, coverage)
+        detector.threshold.fill_(threshold)
+    return Choice(fitted[method], report, rule, fitted)

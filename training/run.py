@@ -196,6 +196,8 @@ class Evaluation:
     split: str
     labels: list[str] | None = None
     calibration: dict[str, Any] | None = None
+    # The intent classifier's out-of-scope detector, saved in the bundle (ood.safetensors).
+    detector: Any = None
     bundle_metrics: dict[str, Any] | None = None  # default: ``metrics``
 
 
@@ -322,6 +324,7 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
         if evaluation.bundle_metrics is None
         else evaluation.bundle_metrics,
         extra_files={"resolved_config.json": resolved},
+        detector=evaluation.detector,
     )
     logger.info("%s: bundle at %s", task.task, bundle)
     return TrainResult(

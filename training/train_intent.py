@@ -19,13 +19,17 @@ module has only the classifier's parts). A run writes::
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from datasets import DatasetDict
 from sklearn.metrics import accuracy_score, f1_score
+from torch.utils.data import DataLoader
 from transformers import EvalPrediction, Trainer
 
 from models.backbone import DEFAULT_BACKBONE
@@ -39,10 +43,13 @@ from training.evaluation import (
     write_report,
 )
 from training.evaluation import softmax as calibrated_softmax
+from training.out_of_scope import Choice, choose_detector, detection_metrics, rule_metrics
+from training.out_of_scope import score as score_all
 from training.recipe import RecipeError
 from training.run import Evaluation, RunArguments, TrainingTask, TrainResult, run, run_cli
 
 logger = logging.getLogger("training.train_intent")
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TASK = "intent-classification"
 
 
@@ -91,6 +98,13 @@ class IntentTrainingArguments(RunArguments):
         default=OOS_COVERAGE,
         metadata={"help": "Share of correct validation predictions the OOS threshold keeps."},
     )
+    oos_label: str | None = field(
+        default=None,
+        metadata={
+            "help": "Label of out-of-scope rows: never a class; those of train/validation "
+            "choose the out-of-scope detector and threshold, those of test evaluate it."
+        },
+    )
     metric_for_best_model: str | None = field(default="macro_f1")
     learning_rate: float = field(default=1e-4)
     per_device_train_batch_size: int = field(default=32)
@@ -104,6 +118,64 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
     return {
         "accuracy": float(accuracy_score(labels, predicted)),
         "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }
+
+
+def logits_and_features(trainer: Trainer, dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Logits (N, C) and pooled features (N, D) of a tokenized split, in order, in one pass
+    (Trainer's ``predict`` would return only what the model returns by default)."""
+    model = trainer.model.eval()
+    device = next(model.parameters()).device
+    # In order: Trainer's own evaluation loader groups by length (a shuffled order) when
+    # train_sampling_strategy is group_by_length, which would misalign the dataset's labels.
+    loader = DataLoader(
+        dataset.remove_columns([c for c in dataset.column_names if c not in MODEL_INPUTS]),
+        batch_size=trainer.args.eval_batch_size,
+        shuffle=False,
+        collate_fn=trainer.data_collator,
+    )
+    logits, features = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
+            output = model(**inputs, output_pooled=True)
+            logits.append(output.logits.float().cpu())
+            features.append(output.pooled.float().cpu())
+    return torch.cat(logits).numpy(), torch.cat(features).numpy()
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def out_of_scope_metrics(
+    choice: Choice,
+    in_scope: tuple[np.ndarray, np.ndarray, np.ndarray],
+    oos: tuple[np.ndarray, np.ndarray] | None,
+    n_validation_oos: int = 0,
+) -> dict[str, Any]:
+    """Per detector, on the evaluated split: what its threshold costs in-scope messages and,
+    with out-of-scope messages, their recall/precision and the AUROC / FPR@95."""
+    features, probs, labels = in_scope
+    correct = probs.argmax(axis=1) == labels
+    detectors: dict[str, dict[str, float | None]] = {}
+    for method, detector in choice.fitted.items():
+        in_scores = score_all(detector, features, probs)
+        oos_scores = np.zeros(0) if oos is None else score_all(detector, *oos)
+        row = rule_metrics(in_scores, correct, oos_scores, float(detector.threshold))
+        row["in_scope_flagged"] = float((in_scores > float(detector.threshold)).mean())
+        row["threshold"] = float(detector.threshold)
+        if len(oos_scores):
+            row.update(detection_metrics(in_scores, oos_scores))
+        detectors[method] = {k: _finite(v) for k, v in row.items()}
+    return {
+        "method": choice.detector.method,
+        "rule": choice.rule,
+        "threshold": _finite(float(choice.detector.threshold)),
+        "n_validation_oos": n_validation_oos,
+        "n_test_oos": 0 if oos is None else len(oos[0]),
+        "validation": choice.validation,
+        "detectors": detectors,
     }
 
 
@@ -139,6 +211,7 @@ class IntentTask(TrainingTask):
             label_column=d.label_column,
             validation_size=d.validation_size,
             seed=self.args.seed,
+            oos_label=self.args.oos_label,
         )
 
     def build_model(self, encoder, tokenizer) -> IntentClassifier:
@@ -155,6 +228,12 @@ class IntentTask(TrainingTask):
 
     def trainer_inputs(self, tokenizer) -> dict[str, Any]:
         self.tokenized = tokenize_splits(self.data.splits, tokenizer, self.data_args.max_length)
+        self.tokenized_oos = {
+            split: tokenize_splits(
+                DatasetDict({split: dataset}), tokenizer, self.data_args.max_length
+            )[split]
+            for split, dataset in self.data.out_of_scope.items()
+        }
         return {
             "train_dataset": self.tokenized["train"],
             "eval_dataset": self.tokenized["validation"],
@@ -162,31 +241,60 @@ class IntentTask(TrainingTask):
         }
 
     def evaluate(self, trainer: Trainer) -> Evaluation:
-        """Temperature and out-of-scope threshold fitted on validation; metrics on test
-        (or validation when there is no test split)."""
-        validation = trainer.predict(self.tokenized["validation"])
-        temperature = fit_temperature(validation.predictions, validation.label_ids)
+        """Temperature, the calibrated-confidence threshold and the out-of-scope detector
+        fitted on train/validation; metrics on test (or validation when there is no test)."""
+        val_logits, val_features = logits_and_features(trainer, self.tokenized["validation"])
+        val_labels = np.asarray(self.tokenized["validation"]["label"])
+        temperature = fit_temperature(val_logits, val_labels)
         coverage = self.args.oos_coverage
-        threshold = choose_oos_threshold(
-            calibrated_softmax(validation.predictions, temperature), validation.label_ids, coverage
+        val_probs = calibrated_softmax(val_logits, temperature)
+        threshold = choose_oos_threshold(val_probs, val_labels, coverage)
+
+        # Out-of-scope detectors: fitted on the training features, chosen on validation.
+        _, train_features = logits_and_features(trainer, self.tokenized["train"])
+        oos = {
+            split: logits_and_features(trainer, dataset)
+            for split, dataset in self.tokenized_oos.items()
+        }
+        oos_val_logits, oos_val_features = oos.get("validation", (None, None))
+        choice = choose_detector(
+            train_features,
+            np.asarray(self.tokenized["train"]["label"]),
+            len(self.data.labels),
+            val_features,
+            val_probs,
+            val_labels,
+            oos_features=oos_val_features,
+            oos_probs=None
+            if oos_val_logits is None
+            else calibrated_softmax(oos_val_logits, temperature),
+            coverage=coverage,
         )
+
         split = "test" if "test" in self.tokenized else "validation"
-        evaluated = trainer.predict(self.tokenized[split]) if split == "test" else validation
-        metrics = evaluate(
-            evaluated.predictions,
-            evaluated.label_ids,
-            self.data.labels,
-            temperature,
-            threshold,
-            coverage,
+        if split == "test":
+            logits, features = logits_and_features(trainer, self.tokenized["test"])
+        else:
+            logits, features = val_logits, val_features
+        labels = np.asarray(self.tokenized[split]["label"])
+        metrics = evaluate(logits, labels, self.data.labels, temperature, threshold, coverage)
+        oos_test = oos.get("test") if split == "test" else None
+        metrics["out_of_scope"] = out_of_scope_metrics(
+            choice,
+            (features, calibrated_softmax(logits, temperature), labels),
+            None
+            if oos_test is None
+            else (oos_test[1], calibrated_softmax(oos_test[0], temperature)),
+            n_validation_oos=0 if oos_val_logits is None else len(oos_val_logits),
         )
         logger.info(
-            "%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f",
+            "%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f; out-of-scope detector %s",
             split,
             metrics["accuracy"],
             metrics["macro_f1"],
             metrics["ece_before"],
             metrics["ece_after"],
+            choice.detector.method,
         )
         return Evaluation(
             metrics=metrics,
@@ -194,6 +302,7 @@ class IntentTask(TrainingTask):
             labels=self.data.labels,
             calibration={"temperature": temperature, "oos_threshold": threshold},
             bundle_metrics={k: v for k, v in metrics.items() if k != "confusion_matrix"},
+            detector=choice.detector,
         )
 
     def training_info(self) -> dict[str, Any]:
@@ -208,6 +317,10 @@ class IntentTask(TrainingTask):
                 "skipped_empty_texts": self.data.skipped,
             },
             "oos_coverage": self.args.oos_coverage,
+            "oos_label": self.args.oos_label,
+            "out_of_scope_examples": {
+                split: len(dataset) for split, dataset in self.data.out_of_scope.items()
+            },
         }
 
     def write_report(self, report: dict[str, Any], output_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from datasets import Dataset
 
 from models.bundle import load_bundle
 from models.predictor import OUT_OF_SCOPE, IntentPredictor
@@ -195,3 +197,83 @@ def test_resume_from_checkpoint_is_honoured(first_run, tmp_path):
     result = train([*args, "--num_train_epochs", "1", "--resume_from_checkpoint", str(checkpoint)])
     assert result.report["training"]["resumed_from"] == str(checkpoint)
     assert result.report["training"]["global_step"] == first.report["training"]["global_step"]
+
+
+def _relabel(source: Path, target: Path, intent: str, label: str) -> int:
+    """Copy a demo CSV with one intent's rows relabelled; return how many were."""
+    with open(source, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    count = 0
+    for row in rows:
+        if row["intent"] == intent:
+            row["intent"], count = label, count + 1
+    with open(target, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["text", "intent"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return count
+
+
+def test_oos_label_rows_choose_the_detector_and_never_become_a_class(tmp_path, tiny_backbone):
+    demo = REPO / "training" / "demo"
+    n_train = _relabel(demo / "intents.csv", tmp_path / "train.csv", "track_order", "none")
+    n_test = _relabel(demo / "intents_test.csv", tmp_path / "test.csv", "track_order", "none")
+    assert n_train > 5 and n_test > 0
+    output_dir = tmp_path / "run"
+    result = train([RECIPE, *FAST, "--backbone", str(tiny_backbone), "--output_dir",
+                    str(output_dir), "--num_train_epochs", "1", "--oos_label", "none",
+                    "--train_file", str(tmp_path / "train.csv"),
+                    "--test_file", str(tmp_path / "test.csv")])  # fmt: skip
+    bundle = load_bundle(output_dir / "bundle")
+    assert "none" not in bundle.labels and "track_order" not in bundle.labels
+    oos = result.report["metrics"]["out_of_scope"]
+    assert oos["n_validation_oos"] == n_train and oos["n_test_oos"] == n_test
+    # The out-of-scope validation messages chose the detector (best AUROC) and its threshold.
+    assert oos["rule"] == "best validation accuracy with out-of-scope examples"
+    assert oos["method"] == max(oos["validation"], key=lambda m: oos["validation"][m]["auroc"])
+    assert bundle.detector.method == oos["method"] == bundle.calibration["ood"]["method"]
+    assert float(bundle.detector.threshold) == pytest.approx(oos["threshold"])
+    for row in oos["detectors"].values():  # every detector measured on the test OOS set
+        assert 0 <= row["auroc"] <= 1 and 0 <= row["oos_recall"] <= 1
+    assert "## Out-of-scope detection" in (output_dir / "report" / "report.md").read_text()
+    predictions = IntentPredictor(bundle).predict(["where is my parcel", "reset my password"])
+    assert all(isinstance(p.ood_score, float) for p in predictions)
+
+
+def test_without_oos_data_the_report_shows_what_the_rule_costs(first_run):
+    output_dir, _, result = first_run
+    oos = result.report["metrics"]["out_of_scope"]
+    assert oos["n_validation_oos"] == 0 and oos["rule"].startswith("keeps 99%")
+    assert oos["method"] == "mahalanobis"  # the default without out-of-scope examples
+    for row in oos["detectors"].values():
+        assert row["oos_recall"] is None and "auroc" not in row
+        assert row["in_scope_accuracy_with_rule"] <= row["in_scope_accuracy"]
+    bundle = load_bundle(output_dir / "bundle")
+    assert bundle.calibration["ood"]["method"] == "mahalanobis"
+    assert "in-scope flagged" in (output_dir / "report" / "report.md").read_text()
+
+
+def test_features_and_logits_come_in_dataset_order_with_length_grouping(tmp_path, tiny_backbone):
+    # Trainer's evaluation loader shuffles by length under group_by_length; the labels the
+    # detectors and the report read are in dataset order, so the outputs must be too.
+    from transformers import Trainer, TrainingArguments
+
+    from models.backbone import load_backbone
+    from models.classifier import ClassifierConfig, IntentClassifier
+    from training.train_intent import logits_and_features
+
+    encoder, tokenizer = load_backbone(str(tiny_backbone))
+    model = IntentClassifier(ClassifierConfig(num_labels=2), encoder).eval()
+    texts = ["a", "a b c d e f g h", "a b", "a b c d e f g h i j k l", "a b c"] * 3
+    dataset = Dataset.from_dict({"text": texts, "label": [0, 1, 0, 1, 0] * 3}).map(
+        lambda b: tokenizer(b["text"]), batched=True, remove_columns=["text"]
+    )
+    args = TrainingArguments(str(tmp_path), per_device_eval_batch_size=4, report_to=[],
+                             train_sampling_strategy="group_by_length", use_cpu=True)  # fmt: skip
+    trainer = Trainer(model=model, args=args, processing_class=tokenizer)
+    logits, features = logits_and_features(trainer, dataset)
+    with torch.inference_mode():
+        for i, text in enumerate(texts):
+            output = model(**tokenizer([text], return_tensors="pt"), output_pooled=True)
+            torch.testing.assert_close(torch.from_numpy(logits[i]), output.logits[0])
+            torch.testing.assert_close(torch.from_numpy(features[i]), output.pooled[0])

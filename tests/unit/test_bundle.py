@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,8 +15,10 @@ import models  # noqa: F401 - registers the model types with the Auto classes
 from models.backbone import load_backbone
 from models.bundle import BUNDLE_FORMAT, BundleError, load_bundle, save_bundle, verify_bundle
 from models.classifier import ClassifierConfig, IntentClassifier
+from models.ood import METHODS
 from models.predictor import OUT_OF_SCOPE, IntentPredictor
 from models.summarizer import ExtractiveSummarizer, SummarizerConfig
+from training.out_of_scope import fit_detector
 
 pytestmark = pytest.mark.unit
 LABELS = ["refund", "shipping", "login"]
@@ -113,7 +116,8 @@ def test_bundle_round_trip_gives_identical_predictions(tmp_path, classifier):
 
 
 def test_bundle_is_a_hugging_face_directory_with_identical_logits(tmp_path, classifier):
-    path = _save(tmp_path, classifier)
+    # With an out-of-scope detector too: the Auto classes read the model files only.
+    path = _save(tmp_path, classifier, detector=_detector(classifier, "mahalanobis"))
     config = json.loads((path / "config.json").read_text())
     assert config["model_type"] == "supportlens-intent-classifier"
     assert config["encoder"]["model_type"] == "bert"
@@ -130,12 +134,6 @@ def test_bundle_is_a_hugging_face_directory_with_identical_logits(tmp_path, clas
         for auto_class in (AutoModel, AutoModelForSequenceClassification):
             model = auto_class.from_pretrained(path).eval()
             assert isinstance(model, IntentClassifier)
-            print(
-                "DIFF",
-                (model(**batch).logits - expected).abs().max(),
-                model.training,
-                [m.training for m in model.modules()].count(True),
-            )
             torch.testing.assert_close(model(**batch).logits, expected)
 
 
@@ -462,3 +460,121 @@ def test_symlink_inside_the_bundle_is_accepted(tmp_path, classifier):
     manifest["files"]["metrics-real.json"] = manifest["files"]["metrics.json"]
     _write_manifest(path, manifest)
     assert load_bundle(path).metrics == {}
+
+
+# -- the out-of-scope detector in the bundle ------------------------------------------------
+
+FIT_TEXTS = [
+    "refund please", "money back now", "return my money",
+    "where is my parcel", "shipping is slow", "package late",
+    "password reset", "cannot sign in", "login broken",
+]  # fmt: skip
+
+
+def _pooled(model, tokenizer, texts):
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        output = model(**batch, output_pooled=True)
+    return output.pooled, torch.softmax(output.logits / 1.5, dim=-1)
+
+
+def _detector(classifier, method, threshold=0.5):
+    model, tokenizer = classifier
+    pooled, _ = _pooled(model, tokenizer, FIT_TEXTS)
+    detector = fit_detector(method, pooled.numpy(), np.repeat([0, 1, 2], 3), 3, k=2)
+    detector.threshold.fill_(threshold)
+    return detector
+
+
+def test_classifier_returns_pooled_features_only_when_asked(classifier):
+    model, tokenizer = classifier
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        plain = model(**batch)
+        output = model(**batch, output_pooled=True)
+        head = model.head(output.pooled)
+    assert plain.pooled is None and len(plain.to_tuple()) == 1
+    assert output.pooled.shape == (3, 2 * model.config.hidden_size)  # pooling_heads=2
+    torch.testing.assert_close(head, output.logits)  # eval mode: no dropout
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_detector_stored_in_the_bundle_scores_identically(tmp_path, classifier, method):
+    detector = _detector(classifier, method)
+    path = _save(tmp_path, classifier, detector=detector)
+    assert "ood.safetensors" in _manifest(path)["files"]
+    loaded = load_bundle(path)
+    settings = loaded.calibration["ood"]
+    assert settings["method"] == method and settings["threshold"] == 0.5
+    assert loaded.calibration["oos_threshold"] == 0.2  # the older rule is kept next to it
+    pooled, probs = _pooled(*classifier, TEXTS)
+    expected, flags = detector(pooled, probs)
+    got, loaded_flags = loaded.detector(pooled, probs)
+    assert torch.equal(expected, got) and torch.equal(flags, loaded_flags)
+
+    # Predictions carry the detector's score, computed in the same forward pass.
+    predictions = IntentPredictor(loaded).predict(TEXTS)
+    assert [p.ood_score for p in predictions] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert [p.out_of_scope for p in predictions] == flags.tolist()
+    assert all((p.label == OUT_OF_SCOPE) == p.out_of_scope for p in predictions)
+
+
+def test_predictions_need_the_features_a_detector_reads(tmp_path, classifier):
+    path = _save(tmp_path, classifier, detector=_detector(classifier, "knn"))
+    predictor = IntentPredictor(load_bundle(path))
+    assert predictor.needs_features
+    encoding, truncated = predictor.encode(TEXTS)
+    output = predictor.forward(encoding)
+    assert output.pooled is not None
+    assert len(predictor.to_predictions(output, truncated)) == 3
+    with pytest.raises(ValueError, match="needs the pooled features"):
+        predictor.to_predictions(output.logits, truncated)
+
+
+def test_bundle_without_detector_keeps_the_confidence_rule(tmp_path, classifier):
+    loaded = load_bundle(_save(tmp_path, classifier))
+    assert loaded.detector is None and "ood" not in loaded.calibration
+    predictor = IntentPredictor(loaded)
+    assert not predictor.needs_features
+    encoding, _ = predictor.encode(TEXTS)
+    assert predictor.forward(encoding).pooled is None  # nothing extra computed
+    for p in predictor.predict(TEXTS):
+        assert p.ood_score == pytest.approx(1 - p.score)
+        assert p.out_of_scope == (p.score < 0.2)
+
+
+def _rewrite_calibration(path: Path, change) -> None:
+    calibration = json.loads((path / "calibration.json").read_text())
+    change(calibration)
+    _rewrite(path, "calibration.json", json.dumps(calibration).encode())
+
+
+@pytest.mark.parametrize(
+    ("damage", "wanted"),
+    [
+        (
+            lambda c: c["ood"].update(num_labels=4),
+            "'ood' num_labels is 4, the classifier has 3",
+        ),
+        (
+            lambda c: c["ood"].update(feature_size=7),
+            "'ood' feature_size is 7, the classifier pools",
+        ),
+        (lambda c: c["ood"].update(method="euclid"), "'ood' must name a method among"),
+        (lambda c: c.pop("ood"), "ood.safetensors and the 'ood' settings of calibration.json"),
+    ],
+)
+def test_inconsistent_detector_is_refused(tmp_path, classifier, damage, wanted):
+    path = _save(tmp_path, classifier, detector=_detector(classifier, "mahalanobis"))
+    _rewrite_calibration(path, damage)
+    message = _refusal(path)
+    assert wanted in message and "\n" not in message
+
+
+def test_detector_weights_that_do_not_fit_its_settings_are_refused(tmp_path, classifier):
+    path = _save(tmp_path, classifier, detector=_detector(classifier, "knn"))
+    tensors = load_file(path / "ood.safetensors")
+    tensors["bank"] = tensors["bank"][:5]
+    save_file(tensors, str(path / "ood.safetensors"))
+    _rewrite(path, "ood.safetensors", (path / "ood.safetensors").read_bytes())
+    assert "ood.safetensors holds shapes" in _refusal(path)

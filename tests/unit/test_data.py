@@ -179,3 +179,18 @@ def test_tokenize_splits_truncates_and_keeps_labels(tmp_path, tiny_backbone):
         assert "text" not in split.column_names
         assert max(len(ids) for ids in split["input_ids"]) <= 16
         assert split["label"] == data.splits[name]["label"]
+
+
+def test_oos_label_rows_are_never_a_class(tmp_path):
+    rows = balanced_rows(3, 6) + [(f"weather {i}", "oos") for i in range(4)]
+    train_file = write_csv(tmp_path / "train.csv", rows)
+    test_file = write_csv(tmp_path / "test.csv", [("a refund", "intent_0"), ("a joke", "oos")])
+    data = load_intent_data(
+        str(train_file), test_file=str(test_file), validation_size=3, oos_label="oos"
+    )
+    assert data.labels == ["intent_0", "intent_1", "intent_2"]
+    assert data.out_of_scope["validation"]["text"] == [f"weather {i}" for i in range(4)]
+    assert data.out_of_scope["test"]["text"] == ["a joke"]
+    assert sum(len(split) for split in data.splits.values()) == 18 + 1
+    # Without the option the same rows are an intent of their own.
+    assert "oos" in load_intent_data(str(train_file), validation_size=4).labels
