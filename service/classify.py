@@ -100,19 +100,13 @@ class ClassifyAPI(ls.LitAPI):
         encoding, truncated = self.predictor.encode(texts)
         return ClassifyBatch(inputs, texts, encoding, truncated)
 
-    @torch.inference_mode()
-    def _forward(self, batch: ClassifyBatch):
-        return self.predictor.model(
-            **self.predictor.model_inputs(batch.encoding), output_pooling_weights=True
-        )
-
     def predict(self, batch: ClassifyBatch) -> list[list[dict[str, Any]]]:
         from models.explanations import ExplanationError
 
         self.batch_sizes.observe(len(batch.texts))
-        output = self._forward(batch)
+        output = self.predictor.forward(batch.encoding, output_pooling_weights=True)
         top_k = max(item.top_k for item in batch.items)
-        predictions = self.predictor.to_predictions(output.logits, batch.truncated, top_k)
+        predictions = self.predictor.to_predictions(output, batch.truncated, top_k)
         targets = output.logits.argmax(dim=-1).tolist()
 
         results: list[Any] = []
@@ -131,6 +125,7 @@ class ClassifyAPI(ls.LitAPI):
                         "label": prediction.label,
                         "score": prediction.score,
                         "out_of_scope": prediction.out_of_scope,
+                        "ood_score": prediction.ood_score,
                         "top_k": prediction.top_k[: item.top_k],
                         "truncated": prediction.truncated,
                         "explanations": {},

@@ -155,9 +155,15 @@ class LabelScore(BaseModel):
 
 
 class ClassifyResult(BaseModel):
-    label: str = Field(description="The intent, or 'out_of_scope' under the confidence threshold.")
-    score: float
+    label: str = Field(
+        description="The intent, or 'out_of_scope' when the detector flags the text."
+    )
+    score: float = Field(description="Calibrated confidence of the best intent.")
     out_of_scope: bool
+    ood_score: float = Field(
+        description="The bundle's out-of-scope score (higher = further from every intent); "
+        "out_of_scope is true above its threshold."
+    )
     top_k: list[LabelScore]
     truncated: bool = Field(description="True when the text was cut to the model's length limit.")
     explanations: dict[str, Explanation] = Field(default_factory=dict)

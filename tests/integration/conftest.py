@@ -30,6 +30,7 @@ def build_tiny_bundles(directory: Path, backbone: Path) -> tuple[Path, Path]:
     from models.bundle import save_bundle
     from models.classifier import ClassifierConfig, IntentClassifier
     from models.summarizer import ExtractiveSummarizer, SummarizerConfig
+    from training.out_of_scope import fit_detector
 
     encoder, tokenizer = load_backbone(str(backbone))
     torch.manual_seed(0)
@@ -40,6 +41,13 @@ def build_tiny_bundles(directory: Path, backbone: Path) -> tuple[Path, Path]:
         ),
         encoder,
     ).eval()
+    # A k-NN out-of-scope detector over a few messages' pooled features, so the service
+    # runs the same path as for a trained bundle (its threshold is left at "never flags").
+    examples = ["I lost my card", "where is my refund", "my transfer failed", "top up please"]
+    encoded = tokenizer(examples, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        pooled = classifier(**encoded, output_pooled=True).pooled
+    detector = fit_detector("knn", pooled.numpy(), range(len(examples)), len(INTENTS), k=2)
     intent = save_bundle(
         directory / "intent",
         classifier,
@@ -48,6 +56,7 @@ def build_tiny_bundles(directory: Path, backbone: Path) -> tuple[Path, Path]:
         labels=INTENTS,
         calibration={"temperature": 1.0, "oos_threshold": 0.0},
         training={"max_length": 64, "name": "tiny-intent"},
+        detector=detector,
     )
     encoder, tokenizer = load_backbone(str(backbone))
     summarizer = ExtractiveSummarizer(

@@ -105,6 +105,9 @@ def test_service_classify_answers_in_request_order(server, auth):
         alone = post(server, "/v1/classify", {"text": text, "top_k": 3}, auth).json()["results"][0]
         assert alone["top_k"][0]["label"] == result["top_k"][0]["label"]
         assert alone["score"] == pytest.approx(result["score"], abs=1e-5)
+        # The bundle's k-NN detector scores every text (1 - cosine to a neighbour).
+        assert 0.0 <= result["ood_score"] <= 2.0 and result["out_of_scope"] is False
+        assert alone["ood_score"] == pytest.approx(result["ood_score"], abs=1e-4)
 
 
 def test_service_classify_explanations_point_into_the_text(server, auth):

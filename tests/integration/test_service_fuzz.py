@@ -22,7 +22,7 @@ CHECKS = (
 )
 
 
-def run_schemathesis(url: str, report: Path, examples: int = 800, seed: int = 1) -> dict:
+def run_schemathesis(url: str, report: Path, examples: int = 1200, seed: int = 1) -> dict:
     """Run ``st run`` against ``url``; the number of requests sent and the failures found."""
     st = Path(sys.executable).with_name("st")
     command = [

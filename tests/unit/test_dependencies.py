@@ -17,10 +17,10 @@ FIRST_PARTY = {"models", "training", "service", "benchmarks", "tests"}
 # Directory -> the requirement groups installed where its code runs.
 GROUPS = {
     "models": ("core",),
-    "training": ("core",),
+    "training": ("core", "batch"),  # batch scoring (supportlens-predict --input)
     "service": ("core",),
     "benchmarks": ("core", "bench"),
-    "tests": ("core", "test"),
+    "tests": ("core", "test", "batch"),
 }
 
 
