@@ -94,6 +94,7 @@ class SupportLensServer(compat.LitServerHooks):
         self.settings = settings
         self.shared = shared
         self.supervisor = Supervisor(self, shared, settings)
+        self.metrics_server = None  # bound by build_server when SUPPORTLENS_METRICS_PORT is set
         self.uvicorn_graceful_timeout = settings.drain_timeout
         self._drain_started = threading.Lock()
 
@@ -108,6 +109,8 @@ class SupportLensServer(compat.LitServerHooks):
 
     def on_http_started(self, uvicorn_workers: dict) -> None:
         self.supervisor.start()
+        if self.metrics_server is not None:
+            metrics.start(self.metrics_server)
 
     def request_shutdown(self) -> None:
         """Start the drain (once); safe to call from a signal handler."""
@@ -293,6 +296,16 @@ def build_server(settings: Settings) -> SupportLensServer:
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(Exception, unexpected_error_handler)
     _add_routes(app, server, settings, models, apis, admissions)
+    if settings.metrics_port:
+        try:
+            server.metrics_server = metrics.metrics_server(
+                settings.bind_host(), settings.metrics_port, shared
+            )
+        except OSError as error:
+            raise ConfigError(
+                f"SUPPORTLENS_METRICS_PORT: cannot listen on port {settings.metrics_port} "
+                f"({error.strerror or error})"
+            ) from None
     return server
 
 
@@ -469,14 +482,14 @@ def _add_routes(
         """Liveness: the HTTP process answers (readiness is ``/health``)."""
         return {"status": "alive"}
 
-    @app.get("/metrics", tags=["probes"])
-    async def prometheus_metrics() -> Response:
-        """Prometheus metrics summed over all server processes."""
-        for index, path in enumerate(shared.api_paths):
-            metrics.QUEUE_DEPTH.labels(api=path).set(shared.queue_depth[index])
-        metrics.IN_FLIGHT.set(shared.in_flight())
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
+    if not settings.metrics_port:  # else on SUPPORTLENS_METRICS_PORT only (see metrics.serve)
+
+        @app.get("/metrics", tags=["probes"])
+        async def prometheus_metrics() -> Response:
+            """Prometheus metrics summed over all server processes."""
+            metrics.sample(shared)
+            body, content_type = metrics.render()
+            return Response(body, media_type=content_type)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

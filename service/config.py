@@ -37,6 +37,9 @@ class Settings:
     summarizer_bundle: str = DEFAULT_SUMMARIZER_BUNDLE
     host: str = "127.0.0.1"
     port: int = 8000
+    # 0: /metrics on the API port. Otherwise /metrics is served on this port only, so a
+    # NetworkPolicy can open it to the monitoring namespace and the API port to clients.
+    metrics_port: int = 0
     api_key: str = ""
     api_key_file: str = ""
     device: str = "auto"
@@ -129,6 +132,11 @@ class Settings:
             raise ConfigError("SUPPORTLENS_BATCH_TIMEOUT must be >= 0")
         if not 1 <= self.port <= 65535:
             raise ConfigError(f"SUPPORTLENS_PORT must be a TCP port, got {self.port}")
+        if not 0 <= self.metrics_port <= 65535 or self.metrics_port == self.port:
+            raise ConfigError(
+                "SUPPORTLENS_METRICS_PORT must be 0 (metrics on the API port) or a TCP port "
+                f"other than SUPPORTLENS_PORT, got {self.metrics_port}"
+            )
         if self.workers < 0:
             raise ConfigError("SUPPORTLENS_WORKERS must be >= 0 (0 picks one per core)")
         if self.device not in DEVICES:
@@ -141,6 +149,10 @@ class Settings:
             )
         if self.torch_threads < 0:
             raise ConfigError("SUPPORTLENS_TORCH_THREADS must be >= 0 (0 picks one per worker)")
+
+    def bind_host(self) -> str:
+        """The address the server's sockets bind to (``localhost`` as IPv4 loopback)."""
+        return "127.0.0.1" if self.host == "localhost" else self.host
 
     def accelerator(self) -> str:
         """``cpu`` or ``cuda``: the device the model workers run on."""

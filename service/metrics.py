@@ -8,6 +8,7 @@ before this module is first imported in any of them.
 from __future__ import annotations
 
 import os
+import threading
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -53,6 +54,45 @@ QUEUE_DEPTH = Gauge(
 REJECTED = Counter(
     "supportlens_rejected_total", "Requests refused before inference, by reason.", ["reason"]
 )
+
+
+def sample(shared) -> None:
+    """Set the gauges sampled at scrape time from the server's shared state."""
+    for index, path in enumerate(shared.api_paths):
+        QUEUE_DEPTH.labels(api=path).set(shared.queue_depth[index])
+    IN_FLIGHT.set(shared.in_flight())
+
+
+def metrics_server(host: str, port: int, shared):
+    """An HTTP server for ``/metrics`` alone on a port of its own, bound now (``OSError``
+    if it cannot be); the main process runs it with :func:`start`. prometheus_client's own
+    exposition server is not used: it cannot sample the gauges above at scrape time."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path.split("?", 1)[0] != "/metrics":
+                self.send_error(404)
+                return
+            sample(shared)
+            body, content_type = render()
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format, *args) -> None:  # scrapes are not access-logged
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    return server
+
+
+def start(server) -> None:
+    """Serve ``server`` from a daemon thread of this process."""
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
 
 
 def render() -> tuple[bytes, str]:

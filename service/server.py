@@ -84,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"supportlens-serve: {error}", file=sys.stderr)
             return 2
         built.append(server)
-        host = "127.0.0.1" if settings.host == "localhost" else settings.host
         try:
             server.run(
-                host=host,
+                host=settings.bind_host(),
                 port=settings.port,
                 num_api_servers=settings.api_servers,
                 log_level=settings.log_level.lower(),

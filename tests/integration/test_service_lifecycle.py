@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from tests.integration.conftest import REPO, ServerProcess, model_workers
+from tests.integration.conftest import REPO, ServerProcess, bundle_env, free_port, model_workers
 
 pytestmark = pytest.mark.integration
 
@@ -167,3 +168,43 @@ def test_service_refuses_a_bundle_of_the_wrong_task_with_one_line(tiny_bundles, 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("supportlens-serve: SUPPORTLENS_INTENT_BUNDLE:")
     assert "intent-classification" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_service_metrics_port_serves_metrics_apart_from_the_api(tiny_bundles, tmp_path):
+    metrics_port = free_port()
+    server = ServerProcess(
+        {**bundle_env(tiny_bundles), "SUPPORTLENS_METRICS_PORT": str(metrics_port)},
+        tmp_path / "server.log",
+    ).wait_ready()
+    try:
+        requests.post(f"{server.url}/v1/classify", json={"text": "lost card"}, timeout=30)
+        scraped = requests.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert scraped.status_code == 200
+        assert 'supportlens_http_requests_total{route="/v1/classify",status="200"}' in scraped.text
+        assert "supportlens_in_flight_requests" in scraped.text
+        # Each port serves only its own: no metrics on the API port, no API on the metrics one.
+        assert requests.get(f"{server.url}/metrics", timeout=5).status_code == 404
+        assert requests.get(f"http://127.0.0.1:{metrics_port}/health", timeout=5).status_code == 404
+    finally:
+        assert server.stop() == 0
+
+    # A metrics port that is taken: one line and exit 2, before any worker starts.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "service.server"],
+            cwd=REPO,
+            env={
+                **os.environ,
+                **bundle_env(tiny_bundles),
+                "SUPPORTLENS_PORT": str(free_port()),
+                "SUPPORTLENS_METRICS_PORT": str(taken.getsockname()[1]),
+            },
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().startswith("supportlens-serve: SUPPORTLENS_METRICS_PORT: cannot")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

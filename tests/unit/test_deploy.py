@@ -185,9 +185,12 @@ def test_deploy_probes_hit_open_routes_of_the_app_on_the_served_port():
             # Probes carry no API key: their routes must be outside the authenticated prefix.
             assert not path.startswith(INFERENCE_PREFIX), probe
             assert ports.get(get["port"], get["port"]) == served, probe
+        # Metrics on their own port (the app drops /metrics from the API port then).
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["prometheus.io/path"] in ROUTES
-        assert int(annotations["prometheus.io/port"]) == served
+        assert annotations["prometheus.io/path"] == "/metrics" and "/metrics" in ROUTES
+        assert "metrics_port" in {f.name for f in fields(Settings)}
+        metrics_port = int(env["SUPPORTLENS_METRICS_PORT"])
+        assert int(annotations["prometheus.io/port"]) == ports["metrics"] == metrics_port
         (service,) = find(render(directory), "Service", "supportlens")
         (service_port,) = service["spec"]["ports"]
         assert ports[service_port["targetPort"]] == served
@@ -271,11 +274,13 @@ def test_deploy_network_policies_allow_only_clients_monitoring_and_dns():
     policies = {p["metadata"]["name"]: p["spec"] for p in find(docs, "NetworkPolicy")}
     assert policies["default-deny"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
     deployment, container = server()
-    served = container["ports"][0]["containerPort"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     spec = policies["supportlens-server"]
     assert spec["podSelector"]["matchLabels"] == pod_labels(deployment)
     clients, monitoring = spec["ingress"]
-    assert clients["ports"] == monitoring["ports"] == [{"protocol": "TCP", "port": served}]
+    assert clients["ports"] == [{"protocol": "TCP", "port": ports["http"]}]
+    assert monitoring["ports"] == [{"protocol": "TCP", "port": ports["metrics"]}]
+    assert ports["metrics"] != ports["http"]
     assert clients["from"] == [
         {"namespaceSelector": {}, "podSelector": {"matchLabels": {"supportlens.io/client": "true"}}}
     ]

@@ -97,6 +97,8 @@ def test_settings_key_and_key_file_together_are_refused(tmp_path):
         ("SUPPORTLENS_LOG_FORMAT", "xml", "SUPPORTLENS_LOG_FORMAT must be one of text, json"),
         ("SUPPORTLENS_BODY_TIMEOUT", "0", "SUPPORTLENS_BODY_TIMEOUT must be a positive"),
         ("SUPPORTLENS_MAX_REQUEST_COST", "0", "SUPPORTLENS_MAX_REQUEST_COST must be at least 1"),
+        ("SUPPORTLENS_METRICS_PORT", "8000", "SUPPORTLENS_METRICS_PORT must be 0 .* other than"),
+        ("SUPPORTLENS_METRICS_PORT", "-1", "SUPPORTLENS_METRICS_PORT must be 0"),
     ],
 )
 def test_settings_new_limits_are_validated(variable, value, message):
