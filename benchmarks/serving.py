@@ -109,9 +109,7 @@ def random_bundle(directory: Path) -> Path:
     encoder, tokenizer = load_backbone("all-MiniLM-L6-v2")
     torch.manual_seed(0)
     model = IntentClassifier(
-        ClassifierConfig(
-            77, encoder.config.hidden_size, special_token_ids=tokenizer.all_special_ids
-        ),
+        ClassifierConfig(num_labels=77, special_token_ids=tokenizer.all_special_ids),
         encoder,
     )
     return save_bundle(
@@ -136,7 +134,6 @@ class BaselineBody(BaseModel):
 def intent_pipeline(bundle_dir: str, device: str):
     """Our classifier as a Hugging Face ``Pipeline``: what the transformers docs suggest
     for a custom model (tokenize -> forward -> softmax/top-k, one call per input)."""
-    import torch
     from transformers import Pipeline
 
     from models.bundle import load_bundle
@@ -165,7 +162,6 @@ def intent_pipeline(bundle_dir: str, device: str):
                 for v, i in zip(values.tolist(), indices.tolist(), strict=True)
             ]
 
-    bundle.model.device = torch.device(device)  # Pipeline reads it; our module has none
     return IntentPipeline(model=bundle.model, tokenizer=bundle.tokenizer, device=device)
 
 
