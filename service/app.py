@@ -40,7 +40,6 @@ from service.middleware import (
     ApiKeyMiddleware,
     BodyMiddleware,
     DrainMiddleware,
-    MetricsMiddleware,
     RequestContextMiddleware,
 )
 from service.schemas import (
@@ -272,8 +271,8 @@ def build_server(settings: Settings) -> SupportLensServer:
         (BodyMiddleware, {"max_bytes": settings.max_body_bytes, "timeout": settings.body_timeout}),
         (ApiKeyMiddleware, {"api_key": settings.api_key}),
         (DrainMiddleware, {"draining": shared.draining, "retry_after": settings.retry_after}),
-        (MetricsMiddleware, {"routes": ROUTES}),
-        (RequestContextMiddleware, {}),  # outermost: every answer gets its headers
+        # Outermost: every answer gets its headers, its access-log line and its metrics.
+        (RequestContextMiddleware, {"routes": ROUTES}),
     ]
     server = SupportLensServer(
         apis,

@@ -1,4 +1,4 @@
-"""ASGI middlewares: request id, security headers and access log; metrics; the drain;
+"""ASGI middlewares: request id, security headers, access log and metrics; the drain;
 API-key auth; the body (size limit and read timeout).
 
 They are plain ASGI (not ``BaseHTTPMiddleware``) so they add no task or copy per
@@ -69,11 +69,22 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 class RequestContextMiddleware:
     """Outermost: request id (``X-Request-ID``, the client's if sane), the security
-    headers on every answer, and one access-log line per request, without its query
-    string (a query may carry secrets, e.g. ``?api_key=``)."""
+    headers on every answer, one access-log line per request without its query string
+    (a query may carry secrets, e.g. ``?api_key=``), and the request metrics: every
+    answer counted by route and status, and timed.
 
-    def __init__(self, app: ASGIApp):
+    Unknown paths share the route label ``other`` so that probing random URLs cannot
+    create unbounded label values.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Iterable[str]):
         self.app = app
+        self.routes = frozenset(routes)
+
+    def route_label(self, path: str) -> str:
+        if path in self.routes:
+            return path
+        return "/static" if path.startswith("/static/") else "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,53 +110,16 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            access_log.info(
-                "%s %s %d %.1f ms",
-                scope["method"],
-                scope["path"],
-                status,
-                1000 * (time.perf_counter() - started),
-            )
-            REQUEST_ID.reset(token)
-
-
-class MetricsMiddleware:
-    """Counts every answer by route and status and times it.
-
-    Unknown paths share the route label ``other`` so that probing random URLs cannot
-    create unbounded label values.
-    """
-
-    def __init__(self, app: ASGIApp, routes: Iterable[str]):
-        self.app = app
-        self.routes = frozenset(routes)
-
-    def route_label(self, path: str) -> str:
-        if path in self.routes:
-            return path
-        return "/static" if path.startswith("/static/") else "other"
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = self.route_label(scope["path"])
-        status = 500
-        started = time.perf_counter()
-
-        async def send_and_record(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            metrics.LATENCY.labels(route=route).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            route = self.route_label(scope["path"])
+            metrics.LATENCY.labels(route=route).observe(elapsed)
             metrics.REQUESTS.labels(route=route, status=str(status)).inc()
             if status >= 400:
                 metrics.ERRORS.labels(route=route, status=str(status)).inc()
+            access_log.info(
+                "%s %s %d %.1f ms", scope["method"], scope["path"], status, 1000 * elapsed
+            )
+            REQUEST_ID.reset(token)
 
 
 class DrainMiddleware:
