@@ -48,6 +48,10 @@ class Settings:
     summarize_workers: int = 1
     api_servers: int = 1
     torch_threads: int = 0
+    # On CPU, a batch that starts while other workers are idle runs with the cores they
+    # leave free (a lone request uses every core, as a single process would); off: each
+    # worker keeps its share. See Supervisor.threads_for.
+    adaptive_threads: bool = True
     max_batch_size: int = 32
     # Deprecated and ignored: batches now form only while every worker is busy, with no
     # waiting. Still parsed so that deployments that set it keep starting (with a warning).
@@ -181,6 +185,11 @@ class Settings:
         if self.torch_threads:
             return self.torch_threads
         return max(1, available_cores() // max(1, workers))
+
+    def core_pool(self) -> int:
+        """The cores the classify workers share: their threads when all of them are busy."""
+        workers = self.classify_workers()
+        return workers * self.threads_per_worker(workers)
 
     def bundle_path(self, which: str) -> Path | None:
         """The bundle to serve for ``which`` ("intent" or "summarizer"), or None to skip it.

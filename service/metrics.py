@@ -40,6 +40,12 @@ BATCH_SIZE = Histogram(
     ["api"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+BATCH_THREADS = Histogram(
+    "supportlens_batch_threads",
+    "Torch threads a model worker ran one batch with, by API (more while others idle).",
+    ["api"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 IN_FLIGHT = Gauge(
     "supportlens_in_flight_requests",
     "Inference requests admitted whose work has not ended, sampled at scrape time.",

@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Idle OpenMP threads of the model workers sleep at once instead of spinning: a
+    # worker's thread count changes from batch to batch (Supervisor.threads_for), and a
+    # spinning thread of one worker steals the core another worker was just given
+    # (on a busy machine it multiplied a request's CPU time several times over).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     built = []
     install_signal_handlers(lambda: built[0] if built else None)
     metrics_dir = prepare_metrics_dir()

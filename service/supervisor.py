@@ -21,7 +21,10 @@ that API. So this module owns the path from the HTTP processes to the workers:
   once; the requests it held are answered 503 with ``Retry-After`` right away, and
   readiness is false only while an API has no live worker;
 - a request's in-flight slots are released when its work really ends (answered,
-  failed, or dropped for its deadline), not when its client stops waiting.
+  failed, or dropped for its deadline), not when its client stops waiting;
+- on CPU, each batch is sent with the torch threads to run it with: the worker's own
+  share of the cores, or more when other workers are idle, so that a lone request
+  runs on every core as a single process would (``SUPPORTLENS_ADAPTIVE_THREADS``).
 """
 
 from __future__ import annotations
@@ -111,19 +114,34 @@ class Dispatcher:
         self.index = index
         self.shared = shared
         self.waiting: deque[QueuedRequest] = deque()
+        self.idle: set[int] = set()  # ranks of the workers waiting in take()
         self.changed = threading.Condition()
 
     def add(self, request: QueuedRequest) -> None:
         with self.changed:
             self.waiting.append(request)
             self.shared.queue_depth[self.index] = len(self.waiting)
-            self.changed.notify()
+            self.changed.notify_all()  # the idle worker of the lowest rank takes it
 
-    def take(self, limit: int, timeout: float) -> tuple[list[QueuedRequest], list[QueuedRequest]]:
-        """Up to ``limit`` requests to run now, and those whose time ran out while waiting."""
+    def take(
+        self, limit: int, timeout: float, rank: int = 0
+    ) -> tuple[list[QueuedRequest], list[QueuedRequest]]:
+        """Up to ``limit`` requests to run now, and those whose time ran out while waiting.
+
+        Of the idle workers, the one of the lowest ``rank`` takes what waits: at low load
+        the same worker serves every request (its caches and thread pool stay warm, and
+        the others stay asleep instead of taking turns).
+        """
         with self.changed:
-            if not self.waiting:
-                self.changed.wait(timeout)
+            self.idle.add(rank)
+            try:
+                end = time.monotonic() + timeout
+                while not self.waiting or min(self.idle) < rank:
+                    left = end - time.monotonic()
+                    if left <= 0 or not self.changed.wait(left):
+                        break
+            finally:
+                self.idle.discard(rank)
             now = time.monotonic()
             runnable: list[QueuedRequest] = []
             expired: list[QueuedRequest] = []
@@ -132,6 +150,8 @@ class Dispatcher:
                 late = now > request.deadline or now - request.queued_at > self.queue_timeout
                 (expired if late else runnable).append(request)
             self.shared.queue_depth[self.index] = len(self.waiting)
+            if self.waiting:
+                self.changed.notify_all()  # more than one batch waits: the next idle worker
         return runnable, expired
 
     def take_all(self) -> list[QueuedRequest]:
@@ -161,6 +181,10 @@ class WorkerHandle:
         self.heartbeat = None
         self.pid: int | None = None
         self.restarts = 0
+        # Torch threads when every worker is busy, and those of the batch it runs now
+        # (0 while idle); see Supervisor.threads_for.
+        self.base_threads = supervisor.settings.threads_per_worker(lit_api.workers)
+        self.threads = 0
 
     @property
     def name(self) -> str:
@@ -204,7 +228,9 @@ class WorkerHandle:
         if self.pid is None and not self.wait_ready():
             self.replace("exited while loading its model")
             return
-        runnable, expired = self.dispatcher.take(self.lit_api.max_batch_size, POLL_S)
+        runnable, expired = self.dispatcher.take(
+            self.lit_api.max_batch_size, POLL_S, self.worker_id
+        )
         for request in expired:
             self.supervisor.answer(
                 request,
@@ -259,8 +285,10 @@ class WorkerHandle:
 
     def run_batch(self, requests: list[QueuedRequest]) -> None:
         held = {request.uid: request for request in requests}
+        threads = self.supervisor.threads_for(self)
         try:
-            self.conn.send([Job(r.uid, r.request_id, r.deadline, r.payload) for r in requests])
+            jobs = [Job(r.uid, r.request_id, r.deadline, r.payload) for r in requests]
+            self.conn.send((threads, jobs))
             while True:
                 ready = wait([self.conn, self.process.sentinel], timeout=POLL_S)
                 if self.conn in ready:
@@ -284,6 +312,8 @@ class WorkerHandle:
                 )
             held.clear()
             self.replace("stopped while handling requests")
+        finally:
+            self.supervisor.idle(self)
         for request in held.values():  # a worker that forgot one: never leave it hanging
             self.supervisor.answer(request, "error", (500, "internal error: no answer"))
 
@@ -337,6 +367,9 @@ class Supervisor:
         self.threads: list[threading.Thread] = []
         self.stopping = False
         self._lock = threading.Lock()
+        self._threads_lock = threading.Lock()
+        self.adaptive = settings.adaptive_threads and settings.accelerator() == "cpu"
+        self.cores = settings.core_pool()
 
     def launch(self, lit_api) -> list[mp.process.BaseProcess]:
         """Start the workers of ``lit_api`` (before the HTTP processes fork)."""
@@ -368,6 +401,28 @@ class Supervisor:
     def replaced(self, handle: WorkerHandle, process: mp.process.BaseProcess) -> None:
         with self._lock:
             compat.set_worker_processes(self.server, [h.process for h in self.handles])
+
+    def threads_for(self, handle: WorkerHandle) -> int:
+        """Torch threads for the batch ``handle`` is about to run.
+
+        Its own share of the cores, or the cores the busy workers leave free if that is
+        more: with every other worker idle, one request runs on every core (a single
+        single-threaded worker would leave the others unused); while all are busy, each
+        keeps one share and threads never outnumber cores. Threads already handed out
+        are not taken back mid-batch, so at the moment a second worker starts, the two
+        may briefly hold more threads than cores.
+        """
+        with self._threads_lock:
+            threads = handle.base_threads
+            if self.adaptive:
+                used = sum(h.threads for h in self.handles if h is not handle)
+                threads = max(threads, self.cores - used)
+            handle.threads = threads
+        return threads
+
+    def idle(self, handle: WorkerHandle) -> None:
+        with self._threads_lock:
+            handle.threads = 0
 
     def unavailable(self, detail: str = "no live model worker for this route; retry shortly"):
         return 503, detail, {"Retry-After": str(self.settings.retry_after)}

@@ -86,6 +86,9 @@ def _error(error: Exception) -> tuple[int, str]:
 class SupervisedLoop(LitLoop):
     """Serves batches from a :class:`WorkerChannel` until the supervisor sends ``None``.
 
+    Each batch arrives as ``(threads, jobs)``: the torch threads to run it with, and
+    the requests.
+
     Answers, one message per request: ``("ok", uid, body)``, ``("error", uid,
     (status, detail))`` or ``("expired", uid)``; then ``("idle",)`` after each batch.
     """
@@ -113,13 +116,25 @@ class SupervisedLoop(LitLoop):
         channel.conn.send(("ready", os.getpid()))
         while True:
             try:
-                jobs = channel.conn.recv()
+                message = channel.conn.recv()
             except (EOFError, OSError):
                 return
-            if jobs is None:
+            if message is None:
                 return
+            threads, jobs = message
+            self.use_threads(lit_api, threads)
             self.serve(lit_api, jobs, channel.conn)
             channel.conn.send(("idle",))
+
+    def use_threads(self, lit_api, threads: int) -> None:
+        """Run the next batch with ``threads`` torch threads (the supervisor's choice)."""
+        import torch
+
+        from service import metrics
+
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        metrics.BATCH_THREADS.labels(api=lit_api.api_path).observe(threads)
 
     def _event(self, event: EventTypes, lit_api) -> None:
         self.callbacks.trigger_event(event.value, lit_api=lit_api)

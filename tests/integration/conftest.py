@@ -90,7 +90,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
-        full_env = {
+        self.env = full_env = {
             **os.environ,
             "HF_HUB_OFFLINE": "1",
             "TOKENIZERS_PARALLELISM": "false",
@@ -160,10 +160,12 @@ def bundle_env(bundles: tuple[Path, Path]) -> dict[str, str]:
 
 API_KEY = "test-key-0123456789"
 # The main test server: an API key, small limits (so 413/429/504 are quick to
-# provoke) and two HTTP processes (so metrics and limits must be shared).
+# provoke), two HTTP processes (so metrics and limits must be shared) and two
+# single-threaded classify workers (so a lone request may borrow the idle one's core).
 SERVER_ENV = {
     "SUPPORTLENS_API_KEY": API_KEY,
     "SUPPORTLENS_API_SERVERS": "2",
+    "SUPPORTLENS_WORKERS": "2",
     "SUPPORTLENS_MAX_TEXTS": "8",
     "SUPPORTLENS_MAX_BODY_BYTES": "20000",
     "SUPPORTLENS_MAX_IN_FLIGHT": "4",

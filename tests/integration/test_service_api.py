@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
+from service.config import Settings
 from tests.integration.conftest import API_KEY, INTENTS, model_workers
 
 pytestmark = pytest.mark.integration
@@ -244,7 +245,7 @@ def test_service_burst_beyond_in_flight_limit_gets_429(server, auth):
 
 def test_service_request_waiting_too_long_gets_504(server, auth):
     workers = model_workers(server.process.pid)
-    assert len(workers) == 3  # classify, classify-explain, summarize
+    assert len(workers) == 4  # classify (two), classify-explain, summarize
     for worker in workers:
         worker.send_signal(signal.SIGSTOP)
     try:
@@ -300,3 +301,19 @@ def test_service_models_route_lists_models_and_methods(server, auth):
     assert body["models"]["classify"]["name"] == "tiny-intent"
     assert body["models"]["summarize"]["name"] == "tiny-summarizer"
     assert body["default_attribution"] in body["explain"]["classify"]
+
+
+def test_service_runs_a_lone_request_on_every_core(server, auth):
+    pool = Settings.from_env(server.env).core_pool()
+    before = requests.get(f"{server.url}/metrics", timeout=5).text
+    assert post(server, "/v1/classify", {"text": MESSAGES[0]}, auth).status_code == 200
+    after = requests.get(f"{server.url}/metrics", timeout=5).text
+    name, api = "supportlens_batch_threads", {"api": "/v1/classify"}
+    assert _samples(after, f"{name}_count", **api) - _samples(before, f"{name}_count", **api) == 1
+    assert _samples(after, f"{name}_sum", **api) - _samples(before, f"{name}_sum", **api) == pool
+
+
+def test_service_workers_let_idle_threads_sleep(server):
+    # Spinning OpenMP threads would take the cores another worker was given.
+    for worker in model_workers(server.process.pid):
+        assert worker.environ().get("OMP_WAIT_POLICY") == "PASSIVE"

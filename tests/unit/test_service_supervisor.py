@@ -1,10 +1,14 @@
-"""The dispatcher: an idle worker takes everything queued at once; nothing waits for a batch."""
+"""The dispatcher: an idle worker takes everything queued at once; nothing waits for a batch.
+The threads a batch runs with: every core for a lone batch, one share each when all are busy."""
 
+import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 
-from service.supervisor import Dispatcher, QueuedRequest, SharedState
+from service.config import Settings
+from service.supervisor import Dispatcher, QueuedRequest, SharedState, Supervisor
 
 pytestmark = pytest.mark.unit
 
@@ -60,3 +64,55 @@ def test_shared_slots_are_bounded_and_released(dispatcher):
     assert not shared.try_acquire("in_flight", 2)
     shared.release(("in_flight",))
     assert shared.in_flight() == 1
+
+
+def threads_supervisor(workers: int = 2, **settings) -> tuple[Supervisor, list]:
+    config = Settings(
+        device=settings.pop("device", "cpu"), workers=workers, torch_threads=1, **settings
+    )
+    supervisor = Supervisor(None, SharedState({"/v1/classify": workers}), config)
+    handles = [SimpleNamespace(base_threads=1, threads=0) for _ in range(workers)]
+    supervisor.handles = handles
+    return supervisor, handles
+
+
+def test_supervisor_gives_a_lone_batch_every_core():
+    supervisor, (first, _) = threads_supervisor()
+    assert supervisor.threads_for(first) == 2  # the other worker is idle: both cores
+
+
+def test_supervisor_shares_cores_while_workers_are_busy():
+    supervisor, (first, second, *_) = threads_supervisor(workers=4)
+    assert supervisor.threads_for(first) == 4
+    # The first still runs with every core: the next one gets its own share, no more.
+    assert supervisor.threads_for(second) == 1
+    supervisor.idle(first)
+    assert supervisor.threads_for(first) == 3  # what the busy second worker leaves free
+    supervisor.idle(first)
+    supervisor.idle(second)
+    assert supervisor.threads_for(second) == 4
+
+
+def test_supervisor_keeps_threads_fixed_when_adaptive_threads_are_off_or_on_a_gpu():
+    supervisor, (first, _) = threads_supervisor(adaptive_threads=False)
+    assert supervisor.threads_for(first) == 1
+    supervisor, (first, _) = threads_supervisor(device="cuda")
+    assert supervisor.threads_for(first) == 1
+
+
+def test_dispatcher_gives_work_to_the_idle_worker_of_lowest_rank(dispatcher):
+    taken: dict[int, list[str]] = {}
+
+    def worker(rank: int) -> None:
+        runnable, _ = dispatcher.take(limit=32, timeout=1.0, rank=rank)
+        taken[rank] = [r.uid for r in runnable]
+
+    threads = [threading.Thread(target=worker, args=(rank,)) for rank in (1, 0)]
+    for thread in threads:
+        thread.start()
+    while dispatcher.idle != {0, 1}:
+        time.sleep(0.01)
+    dispatcher.add(queued("a"))
+    for thread in threads:
+        thread.join()
+    assert taken == {0: ["a"], 1: []}

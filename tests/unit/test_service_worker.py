@@ -1,10 +1,11 @@
 """The worker loop: LitServe callbacks fire, one request's failure stays its own, expired
-requests get no work."""
+requests get no work, each batch runs with the threads it was sent."""
 
 import multiprocessing as mp
 import time
 
 import pytest
+import torch
 from fastapi import HTTPException
 from litserve.callbacks import Callback, CallbackRunner
 
@@ -25,6 +26,8 @@ class Recorder(Callback):
 
 class EchoAPI:
     """Upper-cases texts; a text "bad" fails the whole batch, "refuse" is a 422."""
+
+    api_path = "/v1/echo"
 
     def __init__(self):
         self.batches = []
@@ -95,3 +98,14 @@ def test_worker_loop_gives_no_work_to_an_expired_request():
     assert answers["late"] == ("expired", "late")
     assert answers["fine"][0] == "ok"
     assert api.batches == [["y"]]
+
+
+def test_worker_loop_runs_each_batch_with_the_threads_it_was_sent():
+    before = torch.get_num_threads()
+    try:
+        SupervisedLoop().use_threads(EchoAPI(), 1)
+        assert torch.get_num_threads() == 1
+        SupervisedLoop().use_threads(EchoAPI(), 2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
