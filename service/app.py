@@ -107,6 +107,7 @@ class SupportLensServer(compat.LitServerHooks):
         return self.supervisor.launch(lit_api)
 
     def on_http_started(self, uvicorn_workers: dict) -> None:
+        compat.transport(self).close_readers()  # each HTTP process holds its own
         self.supervisor.start()
         if self.metrics_server is not None:
             metrics.start(self.metrics_server)
@@ -147,6 +148,7 @@ class SupportLensServer(compat.LitServerHooks):
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
         configure_logging(self.settings.log_level, self.settings.log_format)
+        compat.transport(self).keep_only(compat.response_queue_id(self))
         # uvicorn installed its handlers for SIGINT/SIGTERM: keep its server object and
         # ignore both signals; the main process says when to stop (shared.stopping).
         uvicorn_server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)

@@ -11,8 +11,10 @@ at run time. Everything else goes through LitServe's public API: ``LitAPI`` hook
 What is used, and why:
 
 - ``LitServer._init_manager``: after LitServe created its manager and transport, the
-  response transport is swapped for plain queues that only the main process writes
-  (see :mod:`service.supervisor`), and the logging LitServe set up is taken over.
+  response transport is swapped for :class:`PipeTransport` (a pipe per HTTP process,
+  written only by the main process; see :mod:`service.supervisor`), and the logging
+  LitServe set up is taken over. ``MessageTransport`` is the interface LitServe's
+  response task reads answers through (``areceive``).
 - ``LitServer.launch_inference_worker`` (called by ``run``): starts the supervised
   workers instead of LitServe's; ``_inference_workers_config_for_api`` gives their
   devices; ``inference_workers`` is the list LitServe stops at shutdown.
@@ -31,12 +33,15 @@ What is used, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import multiprocessing as mp
+import threading
 from typing import Any
 
 import litserve as ls
 from litserve.callbacks import EventTypes
-from litserve.transport.process_transport import MPQueueTransport
+from litserve.transport.base import MessageTransport
 from litserve.utils import LitAPIStatus, LoopResponseType, ResponseBufferItem, WorkerSetupStatus
 
 LITSERVE_VERSION = "0.2.19"
@@ -73,9 +78,86 @@ class LitServerHooks(ls.LitServer):
         super()._perform_graceful_shutdown(manager, alive, shutdown_reason)
 
 
+logger = logging.getLogger("supportlens.transport")
+
+
+class PipeTransport(MessageTransport):
+    """Answers from the main process to each HTTP process, over a pipe of its own.
+
+    LitServe's ``MPQueueTransport`` reads a multiprocessing queue through
+    ``asyncio.to_thread``: each answer crosses a feeder thread in the writer and a
+    thread-pool round trip in the reader, the largest share of the time a lone request
+    spends between processes. Here the main process writes each answer itself (one lock per
+    pipe: several supervision threads answer) and the HTTP process's event loop reads
+    it as soon as the pipe is readable (``add_reader``): no thread on either side.
+
+    Created in the main process before the HTTP processes fork. Each HTTP process
+    keeps only its own read end (:meth:`keep_only`) and the main process closes every
+    read end once they run (:meth:`close_readers`), so an answer for an HTTP process
+    that has died fails at once (``BrokenPipeError``, logged and dropped) instead of
+    filling a pipe nobody reads.
+    """
+
+    def __init__(self, consumers: int):
+        pipes = [mp.Pipe(duplex=False) for _ in range(consumers)]
+        self._readers = [reader for reader, _ in pipes]
+        self._writers = [writer for _, writer in pipes]
+        self._locks = [threading.Lock() for _ in pipes]
+        self._closed = False
+
+    def keep_only(self, consumer_id: int) -> None:
+        """In an HTTP process: close the ends that belong to the main process and to others."""
+        for index, (reader, writer) in enumerate(zip(self._readers, self._writers, strict=True)):
+            writer.close()
+            if index != consumer_id:
+                reader.close()
+
+    def close_readers(self) -> None:
+        """In the main process, once the HTTP processes hold their read ends."""
+        for reader in self._readers:
+            reader.close()
+
+    def send(self, item: Any, consumer_id: int) -> None:
+        try:
+            with self._locks[consumer_id]:
+                self._writers[consumer_id].send(item)
+        except (BrokenPipeError, OSError):
+            logger.warning("HTTP process %d is gone: its answer is dropped", consumer_id)
+
+    async def areceive(self, consumer_id: int, timeout: float | None = None, block: bool = True):
+        """The next answer for this HTTP process, or None after ``timeout`` (at most 1 s)."""
+        if self._closed:
+            raise asyncio.CancelledError("transport closed")
+        reader = self._readers[consumer_id]
+        if not reader.poll():
+            loop = asyncio.get_running_loop()
+            readable = loop.create_future()
+            loop.add_reader(reader.fileno(), lambda: readable.done() or readable.set_result(None))
+            try:
+                await asyncio.wait_for(readable, 1.0 if timeout is None else min(timeout, 1.0))
+            except TimeoutError:
+                return None
+            finally:
+                loop.remove_reader(reader.fileno())
+        try:
+            return reader.recv()  # the writer sends each answer whole, at once
+        except (EOFError, OSError):
+            raise asyncio.CancelledError("transport closed") from None
+
+    def close(self, send_sentinel: bool = True) -> None:
+        self._closed = True
+        for writer in self._writers:
+            with contextlib.suppress(OSError):
+                writer.close()
+
+
 def use_main_process_transport(server: ls.LitServer, num_api_servers: int) -> None:
-    """Answers travel on one plain queue per HTTP process, written only by the main process."""
-    server._transport = MPQueueTransport(None, [mp.Queue() for _ in range(num_api_servers)])
+    """Answers travel on one pipe per HTTP process, written only by the main process."""
+    server._transport = PipeTransport(num_api_servers)
+
+
+def transport(server: ls.LitServer) -> PipeTransport:
+    return server._transport
 
 
 def send_response(server: ls.LitServer, consumer: int, uid: str, payload: Any, ok: bool) -> None:

@@ -3,14 +3,16 @@
 Fails loudly when a LitServe upgrade renames or reshapes what the service relies on.
 """
 
+import asyncio
 import inspect
 import re
+import threading
 from pathlib import Path
 
 import litserve as ls
 import pytest
 from litserve import loops, server, utils
-from litserve.transport.process_transport import MPQueueTransport
+from litserve.transport.base import MessageTransport
 
 from service import litserve_compat
 
@@ -91,8 +93,42 @@ def test_response_task_reads_the_transport_format():
     fields = {f for f in utils.ResponseBufferItem.__dataclass_fields__}
     assert {"event", "response"} <= fields
     assert {"OK", "ERROR"} <= set(vars(utils.LitAPIStatus))
-    assert _params(MPQueueTransport.__init__) == ["self", "manager", "queues"]
-    assert _params(MPQueueTransport.send) == ["self", "item", "consumer_id"]
+    assert "await transport.areceive(consumer_id)" in source
+    assert "if result is None:" in source  # a receive that timed out
+    assert _params(MessageTransport.send) == ["self", "item", "consumer_id"]
+    assert MessageTransport.__abstractmethods__ == {"send", "areceive"}
+    shutdown = inspect.getsource(ls.LitServer._perform_graceful_shutdown)
+    assert "self._transport.close(send_sentinel=" in shutdown
+
+
+def test_pipe_transport_delivers_answers_to_the_event_loop_in_order():
+    transport = litserve_compat.PipeTransport(2)
+
+    async def receive(consumer):
+        return await transport.areceive(consumer)
+
+    transport.send(("a", ("body-a", "ok", "regular", 0)), 1)
+    transport.send(("b", ("body-b", "ok", "regular", 0)), 1)
+    assert asyncio.run(receive(1))[0] == "a"
+    assert asyncio.run(receive(1))[0] == "b"
+    assert asyncio.run(transport.areceive(0, timeout=0.05)) is None  # nothing for consumer 0
+
+
+def test_pipe_transport_wakes_the_loop_when_an_answer_arrives():
+    transport = litserve_compat.PipeTransport(1)
+
+    async def receive_while_sent():
+        later = threading.Timer(0.1, transport.send, (("late", ("x", "ok", "regular", 0)), 0))
+        later.start()
+        return await transport.areceive(0, timeout=5)
+
+    assert asyncio.run(receive_while_sent())[0] == "late"
+
+
+def test_pipe_transport_drops_answers_for_a_consumer_that_is_gone():
+    transport = litserve_compat.PipeTransport(2)
+    transport.close_readers()  # as after the HTTP processes forked, one of which then died
+    transport.send(("a", ("x" * 200_000, "ok", "regular", 0)), 0)  # no hang, no exception
 
 
 def test_compat_module_is_the_only_place_with_litserve_privates():
