@@ -443,6 +443,8 @@ class Explainer:
         rows: Sequence[dict[str, Explanation]],
         probabilities: Callable[[list[str]], torch.Tensor],
         bins: Sequence[float] = DEFAULT_BINS,
+        *,
+        originals: torch.Tensor | None = None,
     ) -> None:
         """Measure every explanation of ``rows`` on its own text, in place.
 
@@ -452,12 +454,14 @@ class Explainer:
         themselves, deduplicated, are scored by ONE call of ``probabilities`` (texts →
         ``(N, C)`` calibrated probabilities). The explained quantity is the target's
         probability, or ``p(target) − p(versus)`` for a contrast. Sets each
-        explanation's ``faithfulness``.
+        explanation's ``faithfulness``. ``originals`` ``(B, C)``, the texts' calibrated
+        probabilities when they are already known (the prediction's), spares their rows.
         """
         variants = Variants()
         planned = []
-        for text, row in zip(texts, rows, strict=True):
-            original = variants.add(text)
+        for index, (text, row) in enumerate(zip(texts, rows, strict=True)):
+            # Without ``originals`` the text is scored with its variants; else row -1 - i.
+            original = variants.add(text) if originals is None else -1 - index
             for explanation in row.values():
                 spans = [(w.start, w.end) for w in explanation.words]
                 scores = [w.score for w in explanation.words]
@@ -465,6 +469,9 @@ class Explainer:
         if not planned:
             return
         probs = probabilities(variants.texts).float().cpu()  # (N, C)
+        if originals is not None:
+            # Row -1 - i is text i's known probabilities (negative indices read from the end).
+            probs = torch.cat([probs, originals.float().cpu().flip(0)])  # (N + B, C)
         for original, explanation, ranking in planned:
             values = probs[:, explanation.target]  # (N,)
             if explanation.versus is not None:

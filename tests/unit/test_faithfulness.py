@@ -176,6 +176,26 @@ def test_faithfulness_per_request_equals_an_independent_recomputation(explainer)
             data = explanation.to_dict()["faithfulness"]
             assert set(data) == {"comprehensiveness", "sufficiency", "bins"}
 
+    # Given the texts' known probabilities (the service passes its prediction's), the
+    # same values without rescoring the texts themselves.
+    again = explainer.explain(texts, ["attention", "occlusion"])
+    seen = []
+    explainer.faithfulness(
+        texts,
+        again,
+        lambda batch: seen.extend(batch) or probabilities(batch),
+        originals=probabilities(texts),
+    )
+    assert not set(texts) & set(seen)
+    for row, other in zip(rows, again, strict=True):
+        for method, explanation in row.items():
+            assert other[method].faithfulness.comprehensiveness == pytest.approx(
+                explanation.faithfulness.comprehensiveness, abs=1e-5
+            )
+            assert other[method].faithfulness.sufficiency == pytest.approx(
+                explanation.faithfulness.sufficiency, abs=1e-5
+            )
+
 
 def test_faithfulness_of_a_random_method_is_near_the_random_baseline(explainer):
     """With a known 'model' (the share of keywords left), a ranking by the keywords is
