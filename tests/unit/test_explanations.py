@@ -313,3 +313,18 @@ def test_contrast_of_a_class_with_itself_or_an_unknown_class_is_refused(explaine
         explainer.explain(["card lost"], ["occlusion"], targets=[1], versus=[1])
     with pytest.raises(ValueError, match="not a class index"):
         explainer.explain(["card lost"], ["occlusion"], targets=[1], versus=[9])
+
+
+def test_cli_explains_the_contrast_of_the_top_two_with_its_faithfulness(tiny_bundle, capsys):
+    from training.explain import main
+
+    text = "my card was declined twice"
+    argv = ["--bundle", str(tiny_bundle), "--method", "occlusion", "--target", "contrast"]
+    assert main([*argv, "--faithfulness", "--json", text]) == 0
+    document = json.loads(capsys.readouterr().out)
+    occlusion = document["explanations"]["occlusion"]
+    assert occlusion["versus"] != occlusion["target"]
+    assert set(occlusion["faithfulness"]) == {"comprehensiveness", "sufficiency", "bins"}
+    assert main([*argv, "--faithfulness", text]) == 0
+    printed = capsys.readouterr().out
+    assert "rather than" in printed and "faithfulness: comprehensiveness" in printed
