@@ -247,3 +247,42 @@ def test_faithfulness_of_a_random_method_is_near_the_random_baseline(explainer):
     assert min(keywords) > random_baseline + 10 * spread
     random_sufficiency = sum(row["random"].faithfulness.sufficiency for row in rows)
     assert sum(row["keywords"].faithfulness.sufficiency for row in rows) < random_sufficiency
+
+
+def test_faithfulness_benchmark_reports_naopc_distribution_and_cost(explainer, tmp_path):
+    """The benchmark script end to end on a tiny model: every figure the table quotes."""
+    import json as json_module
+
+    from benchmarks.faithfulness import main
+    from models.bundle import save_bundle
+
+    bundle = save_bundle(
+        tmp_path / "bundle",
+        explainer.model,
+        explainer.tokenizer,
+        task="intent-classification",
+        labels=["card_lost", "refund", "transfer", "top_up"],
+        calibration={"temperature": 1.5, "oos_threshold": 0.0},
+        training={"max_length": 32},
+    )
+    data = tmp_path / "test.csv"
+    data.write_text(
+        "text\nmy card was lost yesterday\nwhere is my refund please\n"
+        "the transfer did not arrive yet\nhow do I top up my account\n"
+    )
+    output = tmp_path / "result"
+    argv = ["--bundle", str(bundle), "--data", str(data), "--sample", "4", "--ig-steps", "2"]
+    assert main([*argv, "--random-orderings", "2", "--output", str(output)]) == 0
+    report = json_module.loads(output.with_suffix(".json").read_text())
+    assert report["messages"] == 4 and report["bundle"]["temperature"] == 1.5
+    assert report["service_equals_benchmark_max_abs_difference"] < 1e-4
+    for method in ("attention", "occlusion", "random"):
+        entry = report["methods"][method]
+        assert -0.5 <= entry["naopc_comprehensiveness"] <= 1.0 + 1e-9
+        assert -0.5 <= entry["naopc_sufficiency"] <= 1.0 + 1e-9
+    occlusion = report["methods"]["occlusion"]
+    assert 0.0 <= occlusion["worse_than_random_comprehensiveness"] <= 1.0
+    assert occlusion["faithfulness_cost_ratio"] > 0
+    assert report["faithfulness_all_methods"]["cost_ratio_per_method"] > 0
+    table = output.with_suffix(".md").read_text()
+    assert "NAOPC" in table and "`faithfulness: true`" in table
