@@ -420,3 +420,18 @@ def test_service_summary_occlusion_and_selection_faithfulness(server, auth):
         assert -1.0 <= measured["comprehensiveness"] <= 1.0
     plain = post(server, "/v1/summarize", {"texts": [CONVERSATION]}, auth).json()
     assert list(plain["results"][0]["explanations"]) == ["unit_scores"]  # nothing else, no nulls
+
+
+def test_service_faithfulness_runs_on_the_explanation_pool(server, auth):
+    def count(api):
+        text = requests.get(f"{server.url}/metrics", timeout=5).text
+        return _samples(text, "supportlens_batch_size_count", api=api)
+
+    before = (count("/v1/classify"), count("/v1/classify/explain"))
+    body = {"text": MESSAGES[2], "explain": ["attention"], "faithfulness": True}
+    response = post(server, "/v1/classify", body, auth)
+    assert response.status_code == 200
+    assert "faithfulness" in response.json()["results"][0]["explanations"]["attention"]
+    # Only attention, which is free, yet the perturbed texts are work: the explanation pool.
+    assert count("/v1/classify/explain") == before[1] + 1
+    assert count("/v1/classify") == before[0]

@@ -328,3 +328,12 @@ def test_cli_explains_the_contrast_of_the_top_two_with_its_faithfulness(tiny_bun
     assert main([*argv, "--faithfulness", text]) == 0
     printed = capsys.readouterr().out
     assert "rather than" in printed and "faithfulness: comprehensiveness" in printed
+
+
+def test_attention_and_rollout_are_the_same_for_every_target(explainer):
+    text = ["why was my top up declined"]
+    methods = ["attention", "rollout"]
+    (first,) = explainer.explain(text, methods, targets=[0])
+    (other,) = explainer.explain(text, methods, targets=[3], versus=[1])
+    for method in methods:
+        assert [w.score for w in first[method].words] == [w.score for w in other[method].words]
