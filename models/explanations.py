@@ -24,8 +24,17 @@ Five methods, selectable by name (:data:`METHODS`), all computed for a batch of 
     replaced by [PAD] (the same baseline as integrated gradients) and the drop of the
     target logit is that word's score; words are ablated in batched forward passes.
 
-Every method explains one target logit (by default the predicted class) and
-returns raw, signed scores per token and per word of the original text. The
+Every method explains one target logit (by default the predicted class), or with
+``versus`` the **logit difference** ``logit(target) − logit(versus)`` (a contrastive
+explanation: why ``target`` rather than ``versus``), and returns raw, signed scores per
+token and per word of the original text. The attribution methods are linear in the
+explained output, so a contrast's scores are the target's minus the other class's, and
+swapping the two flips every sign. ``attention`` and ``rollout`` do not depend on the
+class at all: they are the same for every target and contrast.
+
+:meth:`Explainer.faithfulness` measures each explanation on its own input (AOPC
+comprehensiveness and sufficiency, :mod:`models.faithfulness`): all perturbed texts of
+all methods go through one batched forward. The
 attention methods are descriptive, not causal (Jain & Wallace 2019; Wiegreffe &
 Pinter 2019): ``benchmarks/faithfulness.py`` measures how faithful each one is.
 """
@@ -33,7 +42,7 @@ Pinter 2019): ``benchmarks/faithfulness.py`` measures how faithful each one is.
 from __future__ import annotations
 
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +51,7 @@ from torch import nn
 from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from models.classifier import IntentClassifier
+from models.faithfulness import DEFAULT_BINS, Faithfulness, Variants, plan
 from models.tokenization import encode_texts
 
 METHODS = ("attention", "rollout", "integrated_gradients", "gradient_x_input", "occlusion")
@@ -71,6 +81,8 @@ class Explanation:
     ``token_scores`` holds one raw score per non-special input token (the tokens
     with a non-empty character span, in order); ``words`` merges them into words.
     ``delta`` is the integrated-gradients convergence delta, ``None`` otherwise.
+    ``versus`` is the other class of a contrastive explanation (``None`` otherwise) and
+    ``faithfulness`` this explanation's own AOPC, once measured.
     """
 
     method: str
@@ -78,6 +90,8 @@ class Explanation:
     words: list[WordScore]
     token_scores: list[float] = field(default_factory=list)
     delta: float | None = None
+    versus: int | None = None
+    faithfulness: Faithfulness | None = None
 
     def to_dict(self) -> dict:
         data = {
@@ -87,6 +101,10 @@ class Explanation:
         }
         if self.delta is not None:
             data["delta"] = self.delta
+        if self.versus is not None:
+            data["versus"] = self.versus
+        if self.faithfulness is not None:
+            data["faithfulness"] = self.faithfulness.to_dict()
         return data
 
 
@@ -171,11 +189,16 @@ def normalize(words: Sequence[WordScore]) -> list[float]:
 
 
 class _LogitOf(nn.Module):
-    """``forward(input_ids, attention_mask, token_type_ids, pooling_mask) -> logits`` for Captum.
+    """``forward(input_ids, attention_mask, token_type_ids, pooling_mask[, pair]) -> logits``
+    for Captum.
 
     The pooling mask is always the input's: [PAD] is excluded from pooling by id, so
     without it the baseline would be pooled over no token at all and ``f`` would jump
     between the last integration step and the baseline, breaking completeness.
+
+    With ``pair`` ``(B, 2)`` the output gets one more column, ``logit[pair[:, 0]] −
+    logit[pair[:, 1]]`` (B, C+1): Captum's target for a contrast is that column. It is
+    passed as an additional forward argument so Captum repeats it with the inputs.
     """
 
     def __init__(self, model: IntentClassifier):
@@ -188,13 +211,18 @@ class _LogitOf(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None,
         pooling_mask: torch.Tensor,
+        pair: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.model(
+        logits = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
             pooling_mask=pooling_mask,
-        ).logits.float()
+        ).logits.float()  # (B, C)
+        if pair is None:
+            return logits
+        margin = logits.gather(1, pair[:, :1]) - logits.gather(1, pair[:, 1:])  # (B, 1)
+        return torch.cat([logits, margin], dim=-1)  # (B, C+1)
 
 
 class Explainer:
@@ -308,11 +336,14 @@ class Explainer:
         texts: list[str],
         methods: Sequence[str],
         targets: list[int] | None = None,
+        versus: Sequence[int | None] | None = None,
     ) -> list[dict[str, Explanation]]:
         """Explain each text's ``targets`` class (default: the predicted class) with ``methods``.
 
-        Returns one ``{method: Explanation}`` per text, in order. Raises ``ValueError``
-        for an unknown method and :class:`ExplanationError` for a text with no word.
+        ``versus[i]``, when given and not ``None``, makes text ``i``'s explanation
+        contrastive: of ``logit(targets[i]) − logit(versus[i])``. Returns one
+        ``{method: Explanation}`` per text, in order. Raises ``ValueError`` for an unknown
+        method or class and :class:`ExplanationError` for a text with no word.
         """
         if isinstance(methods, str):
             methods = [methods]
@@ -330,7 +361,9 @@ class Explainer:
                 **inputs, output_pooling_weights=True, output_attentions=need_attentions
             )
         targets = self._targets(targets, output.logits)
+        others = self._versus(versus, targets, output.logits)
         keep = self._keep(encoding)
+        args, captum_targets = self._contrast_args(inputs, targets, others, output.logits)
 
         per_method: dict[str, tuple[torch.Tensor, list[float | None]]] = {}
         for method in dict.fromkeys(methods):
@@ -343,12 +376,15 @@ class Explainer:
                     [None] * len(texts),
                 )
             elif method == "integrated_gradients":
-                per_method[method] = self._integrated_gradients(inputs, keep, targets)
+                per_method[method] = self._integrated_gradients(inputs, keep, captum_targets, args)
             elif method == "gradient_x_input":
-                per_method[method] = (self._gradient_x_input(inputs, targets), [None] * len(texts))
+                per_method[method] = (
+                    self._gradient_x_input(inputs, captum_targets, args),
+                    [None] * len(texts),
+                )
             else:
                 per_method[method] = (
-                    self._occlusion(texts, encoding, inputs, keep, targets),
+                    self._occlusion(texts, encoding, inputs, keep, captum_targets, args),
                     [None] * len(texts),
                 )
 
@@ -359,8 +395,89 @@ class Explainer:
                 row[method] = self._explanation(
                     method, text, encoding, index, scores[index], targets[index], deltas[index]
                 )
+                row[method].versus = others[index]
             results.append(row)
         return results
+
+    def _versus(
+        self, versus: Sequence[int | None] | None, targets: list[int], logits: torch.Tensor
+    ) -> list[int | None]:
+        if versus is None:
+            return [None] * len(targets)
+        if len(versus) != len(targets):
+            raise ValueError(f"got {len(versus)} contrast classes for {len(targets)} texts")
+        num_labels = logits.shape[-1]
+        for target, other in zip(targets, versus, strict=True):
+            if other is not None and not 0 <= int(other) < num_labels:
+                raise ValueError(f"class {other} is not a class index in [0, {num_labels})")
+            if other is not None and int(other) == target:
+                raise ValueError(f"a contrast needs two different classes, got {target} twice")
+        return [None if v is None else int(v) for v in versus]
+
+    def _contrast_args(
+        self,
+        inputs: dict[str, torch.Tensor],
+        targets: list[int],
+        versus: list[int | None],
+        logits: torch.Tensor,
+    ) -> tuple[tuple, list[int]]:
+        """Captum's additional forward arguments and targets: the logit of each target, or
+        the extra margin column of :class:`_LogitOf` for a contrast."""
+        args = self._forward_args(inputs)
+        if all(v is None for v in versus):
+            return args, targets
+        pair = torch.tensor(
+            [[t, t if v is None else v] for t, v in zip(targets, versus, strict=True)],
+            device=self.device,
+        )  # (B, 2)
+        margin = logits.shape[-1]  # index of the margin column
+        return (*args, pair), [
+            t if v is None else margin for t, v in zip(targets, versus, strict=True)
+        ]
+
+    # -- faithfulness -------------------------------------------------------------------
+
+    def faithfulness(
+        self,
+        texts: Sequence[str],
+        rows: Sequence[dict[str, Explanation]],
+        probabilities: Callable[[list[str]], torch.Tensor],
+        bins: Sequence[float] = DEFAULT_BINS,
+        *,
+        originals: torch.Tensor | None = None,
+    ) -> None:
+        """Measure every explanation of ``rows`` on its own text, in place.
+
+        For each explanation, its words are ranked by score and the perturbed texts of
+        :func:`models.faithfulness.perturb` are made (words deleted by their character
+        spans); every perturbed text of every method and text, and the texts
+        themselves, deduplicated, are scored by ONE call of ``probabilities`` (texts →
+        ``(N, C)`` calibrated probabilities). The explained quantity is the target's
+        probability, or ``p(target) − p(versus)`` for a contrast. Sets each
+        explanation's ``faithfulness``. ``originals`` ``(B, C)``, the texts' calibrated
+        probabilities when they are already known (the prediction's), spares their rows.
+        """
+        variants = Variants()
+        planned = []
+        for index, (text, row) in enumerate(zip(texts, rows, strict=True)):
+            # Without ``originals`` the text is scored with its variants; else row -1 - i.
+            original = variants.add(text) if originals is None else -1 - index
+            for explanation in row.values():
+                spans = [(w.start, w.end) for w in explanation.words]
+                scores = [w.score for w in explanation.words]
+                planned.append((original, explanation, plan(variants, text, spans, scores, bins)))
+        if not planned:
+            return
+        probs = probabilities(variants.texts).float().cpu()  # (N, C)
+        if originals is not None:
+            # Row -1 - i is text i's known probabilities (negative indices read from the end).
+            probs = torch.cat([probs, originals.float().cpu().flip(0)])  # (N + B, C)
+        for original, explanation, ranking in planned:
+            values = probs[:, explanation.target]  # (N,)
+            if explanation.versus is not None:
+                values = values - probs[:, explanation.versus]  # (N,)
+            values = values.tolist()
+            explanation.faithfulness = ranking.score(values[original], values, bins)
 
     def attention_from_outputs(
         self,
@@ -432,7 +549,7 @@ class Explainer:
         return scores * inputs["attention_mask"]  # padding rows of the rollout are not real
 
     def _integrated_gradients(
-        self, inputs: dict[str, torch.Tensor], keep: torch.Tensor, targets: list[int]
+        self, inputs: dict[str, torch.Tensor], keep: torch.Tensor, targets: list[int], args: tuple
     ) -> tuple[torch.Tensor, list[float | None]]:
         input_ids = inputs["input_ids"]
         baseline = self._baseline_ids(input_ids, keep)
@@ -440,7 +557,7 @@ class Explainer:
             inputs=input_ids,
             baselines=baseline,
             target=targets,
-            additional_forward_args=self._forward_args(inputs),
+            additional_forward_args=args,
             n_steps=self.ig_steps,
             # Captum splits the steps, not the texts: a chunk must hold one step of all texts.
             internal_batch_size=max(self.internal_batch_size, input_ids.shape[0]),
@@ -450,12 +567,12 @@ class Explainer:
         return scores, [float(d) for d in delta.detach().cpu()]
 
     def _gradient_x_input(
-        self, inputs: dict[str, torch.Tensor], targets: list[int]
+        self, inputs: dict[str, torch.Tensor], targets: list[int], args: tuple
     ) -> torch.Tensor:
         attributions = self._gxi.attribute(
             inputs["input_ids"],
             target=targets,
-            additional_forward_args=self._forward_args(inputs),
+            additional_forward_args=args,
         )
         return attributions.detach().float().sum(dim=-1)  # (B, T)
 
@@ -466,6 +583,7 @@ class Explainer:
         inputs: dict[str, torch.Tensor],
         keep: torch.Tensor,
         targets: list[int],
+        args: tuple,
     ) -> torch.Tensor:
         offsets = encoding["offset_mapping"]  # (B, T, 2)
         groups = torch.tensor(
@@ -485,7 +603,7 @@ class Explainer:
             input_ids,
             baselines=self._baseline_ids(input_ids, keep),
             target=targets,
-            additional_forward_args=self._forward_args(inputs),
+            additional_forward_args=args,
             feature_mask=feature_mask,
             perturbations_per_eval=per_eval,
         )  # (B, T): every piece of a word carries the whole word's effect

@@ -9,8 +9,14 @@ The cost of a request is counted in token passes: each text's tokens (at most th
 model's length limit for classification, where longer text is truncated) times the
 forward and backward passes its methods need: 1 for the prediction, ``attention``
 free, ``rollout`` 1, ``gradient_x_input`` 2, ``integrated_gradients`` its steps and
-``occlusion`` one per word (counted as one per token, its upper bound). Over
-``SUPPORTLENS_MAX_REQUEST_COST`` the request is refused with 413 before any work.
+``occlusion`` one per word (counted as one per token, its upper bound). Per-request
+faithfulness (``"faithfulness": true``) adds, per requested method, one pass per
+perturbed text (two per bin: the top words deleted, and only them kept, each at most
+the text's tokens) and one for the text itself. On ``/v1/summarize``, ``occlusion``
+rescores the whole conversation once per word and once per sentence (counted as one
+per token plus one per sentence), and faithfulness adds two passes per bin per method
+plus one. Over ``SUPPORTLENS_MAX_REQUEST_COST`` the request is refused with 413 before
+any work.
 """
 
 from __future__ import annotations
@@ -18,8 +24,11 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from models.faithfulness import DEFAULT_BINS
 from models.summary_predictor import SummarizationError
 from service.config import Settings
+
+CONTRAST = "contrast"
 
 # Above this many characters, tokenizing moves off the event loop.
 INLINE_CHARS = 20_000
@@ -32,6 +41,14 @@ class Refusal(Exception):
     status: int
     detail: str
     field: str | None = None
+
+
+def faithfulness_passes(methods: list[str], enabled: bool) -> int:
+    """Passes that ``"faithfulness": true`` adds for ``methods``: two perturbed texts per bin
+    per method, and the text itself (none without a method to measure)."""
+    if not enabled or not methods:
+        return 0
+    return 1 + 2 * len(DEFAULT_BINS) * len(methods)
 
 
 def method_passes(method: str, tokens: int, ig_steps: int) -> int:
@@ -67,29 +84,46 @@ async def _token_counts(tokenizer, texts: list[str], special: bool) -> list[int]
 class ClassifyAdmission:
     def __init__(self, predictor, settings: Settings):
         self.tokenizer = predictor.tokenizer
-        self.labels = len(predictor.labels)
+        self.intents = list(predictor.labels)
+        self.labels = len(self.intents)
         self.max_length = predictor.max_length
         self.settings = settings
 
-    def cost(self, tokens: list[int], methods: list[str]) -> int:
+    def cost(self, tokens: list[int], methods: list[str], faithfulness: bool = False) -> int:
         total = 0
         for count in tokens:
             kept = min(count, self.max_length)
             passes = 1 + sum(method_passes(m, kept, self.settings.ig_steps) for m in methods)
+            passes += faithfulness_passes(methods, faithfulness)
             total += kept * passes
         return total
 
-    async def check(self, texts: list[str], top_k: int, methods: list[str]) -> None:
+    async def check(
+        self,
+        texts: list[str],
+        top_k: int,
+        methods: list[str],
+        target: str | None = None,
+        faithfulness: bool = False,
+    ) -> None:
         if top_k > self.labels:
             raise Refusal(
                 422,
                 f"must be at most {self.labels}, the number of intents of this model",
                 "top_k",
             )
+        if target is not None and target != CONTRAST and target not in self.intents:
+            shown = target if len(target) <= 60 else target[:57] + "..."
+            raise Refusal(
+                422,
+                f"unknown intent {shown!r}: give one of this model's intents (GET /v1/models "
+                "lists the model; the prediction's top_k shows intent names) or 'contrast'",
+                "target",
+            )
         limit = self.settings.max_request_cost
         # Every text costs at most the length limit: count tokens only when that bound
         # could break the budget (it never does for plain predictions by default).
-        bound = self.cost([self.max_length] * len(texts), methods)
+        bound = self.cost([self.max_length] * len(texts), methods, faithfulness)
         if bound <= limit and not self.settings.strict_length:
             return
         tokens = await _token_counts(self.tokenizer, texts, special=True)
@@ -102,7 +136,7 @@ class ClassifyAdmission:
                         "(strict length mode is on)",
                         f"texts[{index}]",
                     )
-        cost = self.cost(tokens, methods)
+        cost = self.cost(tokens, methods, faithfulness)
         if cost > limit:
             raise _over_budget(cost, limit)
 
@@ -113,11 +147,13 @@ class SummarizeAdmission:
         self.tokenizer = predictor.tokenizer
         self.settings = settings
 
-    async def check(self, texts: list[str], methods: list[str]) -> None:
+    async def check(self, texts: list[str], methods: list[str], faithfulness: bool = False) -> None:
+        units: list[int] = []
+
         def segment() -> None:
             for index, text in enumerate(texts):
                 try:
-                    self.predictor.segment([text])
+                    units.append(len(self.predictor.segment([text])[0]))
                 except SummarizationError:
                     raise Refusal(
                         422, "no sentence or turn to summarize", f"texts[{index}]"
@@ -137,7 +173,13 @@ class SummarizeAdmission:
                     "(SUPPORTLENS_MAX_CONVERSATION_TOKENS); summarize it in parts",
                     f"texts[{index}]",
                 )
-        passes = 1 + sum(method_passes(m, 0, self.settings.ig_steps) for m in methods)
-        cost = sum(tokens) * passes
+        cost = 0
+        for count, sentences in zip(tokens, units, strict=True):
+            passes = 1 + sum(
+                method_passes(m, count, self.settings.ig_steps)
+                + (sentences if m == "occlusion" else 0)
+                for m in methods
+            )
+            cost += count * (passes + faithfulness_passes(methods, faithfulness))
         if cost > self.settings.max_request_cost:
             raise _over_budget(cost, self.settings.max_request_cost)

@@ -439,8 +439,12 @@ def _add_routes(
 
         async def classify(body) -> Any:
             log_texts("/v1/classify", body.texts)
-            await admit(classify_admission.check(body.texts, body.top_k, body.explain))
-            expensive = any(method not in CHEAP_METHODS for method in body.explain)
+            await admit(
+                classify_admission.check(
+                    body.texts, body.top_k, body.explain, body.target, body.faithfulness
+                )
+            )
+            expensive = body.faithfulness or any(m not in CHEAP_METHODS for m in body.explain)
             path = "/v1/classify/explain" if expensive else "/v1/classify"
             return await dispatch(server, path, body, take_slots(path, expensive))
 
@@ -451,7 +455,7 @@ def _add_routes(
 
         async def summarize(body) -> Any:
             log_texts("/v1/summarize", body.texts)
-            await admit(summarize_admission.check(body.texts, body.explain))
+            await admit(summarize_admission.check(body.texts, body.explain, body.faithfulness))
             return await dispatch(server, "/v1/summarize", body, take_slots("/v1/summarize", False))
 
         route("/v1/summarize", summarize)

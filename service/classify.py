@@ -20,7 +20,7 @@ from fastapi import HTTPException
 from transformers import BatchEncoding
 
 from service.config import CHEAP_METHODS, Settings
-from service.schemas import ClassifyRequest, ClassifyResponse
+from service.schemas import CONTRAST, ClassifyRequest, ClassifyResponse
 from service.worker import EXPIRED, SupervisedLoop
 
 
@@ -32,6 +32,8 @@ class ClassifyItem:
     top_k: int
     explain: list[str]
     deadline: float = float("inf")
+    target: str | None = None
+    faithfulness: bool = False
 
 
 @dataclass
@@ -93,12 +95,39 @@ class ClassifyAPI(ls.LitAPI):
     def decode_request(self, request: ClassifyRequest, context: dict | None = None) -> ClassifyItem:
         """The body was validated and admitted in the HTTP process (service.admission)."""
         deadline = (context or {}).get("deadline", float("inf"))
-        return ClassifyItem(list(request.texts), request.top_k, list(request.explain), deadline)
+        return ClassifyItem(
+            list(request.texts),
+            request.top_k,
+            list(request.explain),
+            deadline,
+            target=request.target,
+            faithfulness=request.faithfulness,
+        )
 
     def batch(self, inputs: list[ClassifyItem]) -> ClassifyBatch:
         texts = [text for item in inputs for text in item.texts]
         encoding, truncated = self.predictor.encode(texts)
         return ClassifyBatch(inputs, texts, encoding, truncated)
+
+    def targets(self, item: ClassifyItem, logits: torch.Tensor) -> tuple[list[int], list]:
+        """The class each text's explanations explain, and the other class of a contrast.
+
+        No target: the predicted intent (the highest logit). An intent name: that intent
+        (the HTTP process refused unknown names). ``"contrast"``: the two highest logits,
+        the first explained against the second."""
+        if item.target is None:
+            return logits.argmax(dim=-1).tolist(), [None] * logits.shape[0]
+        if item.target == CONTRAST:
+            top = logits.topk(2, dim=-1).indices.tolist()  # (B, 2)
+            return [row[0] for row in top], [row[1] for row in top]
+        index = self.predictor.labels.index(item.target)
+        return [index] * logits.shape[0], [None] * logits.shape[0]
+
+    def calibrated_probabilities(self, texts: list[str]) -> torch.Tensor:
+        """Calibrated probabilities ``(N, C)`` of many texts in one batched forward,
+        tokenized and scored exactly as a prediction."""
+        encoding, _ = self.predictor.encode(texts)
+        return self.predictor.probabilities(self.predictor.forward(encoding).logits)
 
     def predict(self, batch: ClassifyBatch) -> list[list[dict[str, Any]]]:
         from models.explanations import ExplanationError
@@ -107,7 +136,7 @@ class ClassifyAPI(ls.LitAPI):
         output = self.predictor.forward(batch.encoding, output_pooling_weights=True)
         top_k = max(item.top_k for item in batch.items)
         predictions = self.predictor.to_predictions(output, batch.truncated, top_k)
-        targets = output.logits.argmax(dim=-1).tolist()
+        labels = self.predictor.labels
 
         results: list[Any] = []
         start = 0
@@ -131,35 +160,39 @@ class ClassifyAPI(ls.LitAPI):
                         "explanations": {},
                     }
                 )
+            targets, versus = self.targets(item, output.logits[rows.start : rows.stop])
+            per_text: list[dict] = [{} for _ in item.texts]
             if "attention" in item.explain:
                 index = torch.tensor(list(rows))
                 encoding = BatchEncoding({k: v[index] for k, v in batch.encoding.items()})
                 explanations = self.explainer.attention_from_outputs(
-                    item.texts,
-                    encoding,
-                    output.pooling_weights[index],
-                    targets[rows.start : rows.stop],
+                    item.texts, encoding, output.pooling_weights[index], targets
                 )
-                for result, explanation in zip(item_results, explanations, strict=True):
-                    result["explanations"]["attention"] = explanation.to_dict()
+                for found, explanation, other in zip(per_text, explanations, versus, strict=True):
+                    explanation.versus = other  # the pooling weights are the same for any class
+                    found["attention"] = explanation
             expensive = [m for m in item.explain if m not in CHEAP_METHODS]
-            if expensive:
-                try:
-                    per_text = self.explainer.explain(
-                        item.texts, expensive, targets=targets[rows.start : rows.stop]
+            try:
+                if expensive:
+                    explained = self.explainer.explain(
+                        item.texts, expensive, targets=targets, versus=versus
                     )
-                except ExplanationError as error:
-                    raise HTTPException(422, f"texts: {error}") from None
-                for result, explanations in zip(item_results, per_text, strict=True):
-                    for method, explanation in explanations.items():
-                        result["explanations"][method] = explanation.to_dict()
+                    for found, explanations in zip(per_text, explained, strict=True):
+                        found.update(explanations)
+                if item.faithfulness and item.explain:
+                    self.explainer.faithfulness(item.texts, per_text, self.calibrated_probabilities)
+            except ExplanationError as error:
+                raise HTTPException(422, f"texts: {error}") from None
             # Keep the requested order of methods in the answer.
-            for result in item_results:
-                result["explanations"] = {
-                    m: result["explanations"][m]
-                    for m in item.explain
-                    if m in result["explanations"]
-                }
+            for result, found in zip(item_results, per_text, strict=True):
+                for method in item.explain:
+                    if method in found:
+                        explanation = found[method]
+                        data = explanation.to_dict()
+                        data["intent"] = labels[explanation.target]
+                        if explanation.versus is not None:
+                            data["versus_intent"] = labels[explanation.versus]
+                        result["explanations"][method] = data
             results.append(item_results)
         return results
 

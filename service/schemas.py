@@ -14,8 +14,10 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic.json_schema import WithJsonSchema
@@ -25,7 +27,8 @@ from service.config import get_settings
 ClassifyMethod = Literal[
     "attention", "rollout", "integrated_gradients", "gradient_x_input", "occlusion"
 ]
-SummarizeMethod = Literal["attention", "gradient_x_input"]
+SummarizeMethod = Literal["attention", "gradient_x_input", "occlusion"]
+CONTRAST = "contrast"
 
 
 # Lone surrogates (also what the raw bytes ED A0 80 decode to: JSON parsers pass
@@ -102,6 +105,21 @@ class ClassifyRequest(_TextsRequest):
     explain: list[ClassifyMethod] = Field(
         default_factory=list, description="Explanation methods; 'attention' is free."
     )
+    target: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="What the explanations explain: absent for the predicted intent, an intent "
+        "name for that intent, or 'contrast' for the margin between the two most likely "
+        "intents (the logit difference for the attributions; faithfulness measures the "
+        "calibrated probability difference). An unknown intent is refused (422).",
+    )
+    faithfulness: StrictBool = Field(
+        False,
+        description="Measure each explanation on this input: comprehensiveness and sufficiency "
+        "(AOPC over deleting / keeping the top 10-50% of its words, removed by their "
+        "character spans) of the explained intent's calibrated probability.",
+    )
 
     @field_validator("top_k")
     @classmethod
@@ -120,7 +138,16 @@ class SummarizeRequest(_TextsRequest):
     """``POST /v1/summarize``: one conversation per text."""
 
     max_sentences: StrictInt = Field(3, ge=1, le=50, description="Sentences kept per summary.")
-    explain: list[SummarizeMethod] = Field(default_factory=list)
+    explain: list[SummarizeMethod] = Field(
+        default_factory=list,
+        description="'occlusion': how each selected sentence's score depends on each word and "
+        "on each other sentence (one pass per word and per sentence).",
+    )
+    faithfulness: StrictBool = Field(
+        False,
+        description="Measure each method's word ranking against the selection: drop of the "
+        "selected sentences' mean score when the top 10-50% of words are deleted / kept.",
+    )
 
     @field_validator("explain")
     @classmethod
@@ -140,13 +167,38 @@ class WordScore(BaseModel):
     score: float
 
 
+class FaithfulnessBin(BaseModel):
+    fraction: float = Field(description="Share of the words taken, e.g. 0.1 for the top 10%.")
+    words: int = Field(description="How many words that is: max(1, ceil(fraction x words)).")
+    comprehensiveness: float
+    sufficiency: float
+
+
+class Faithfulness(BaseModel):
+    comprehensiveness: float = Field(
+        description="Mean drop of the explained probability when the top-ranked words are "
+        "deleted (higher: the ranking found the words the prediction needs)."
+    )
+    sufficiency: float = Field(
+        description="Mean drop when only the top-ranked words are kept (lower: those words "
+        "alone carry the prediction)."
+    )
+    bins: list[FaithfulnessBin]
+
+
 class Explanation(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     method: str
     target: Any = None
+    intent: str | None = Field(None, description="The intent explained.")
+    versus: Any = None
+    versus_intent: str | None = Field(
+        None, description="For a contrast, the other intent: scores explain intent vs. it."
+    )
     words: list[WordScore] = Field(default_factory=list)
     delta: float | None = None
+    faithfulness: Faithfulness | None = None
 
 
 class LabelScore(BaseModel):
@@ -183,11 +235,65 @@ class SummarySentence(BaseModel):
     selected: bool
 
 
+class UnitWords(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    unit: int = Field(description="Index of the unit (sentence or turn) in `sentences`.")
+    words: list[WordScore]
+
+
+class UnitScore(BaseModel):
+    unit: int
+    score: float
+
+
+class OccludedUnit(BaseModel):
+    unit: int = Field(description="A selected unit, by its index in `sentences`.")
+    words: list[WordScore] = Field(
+        description="Every word of the conversation: the drop of this unit's score when the "
+        "word is deleted."
+    )
+    sentences: list[UnitScore] = Field(
+        description="Every other unit: the drop of this unit's score when that one is emptied."
+    )
+
+
+class SummaryMethodExplanation(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    units: list[UnitWords]
+    faithfulness: Faithfulness | None = Field(
+        None,
+        description="This method's word ranking against the selection: drop of the selected "
+        "units' mean score when its top words are deleted / kept.",
+    )
+
+
+class SummaryOcclusion(BaseModel):
+    units: list[OccludedUnit]
+    faithfulness: Faithfulness | None = None
+
+
+class SummaryExplanations(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    unit_scores: list[float] = Field(default_factory=list)
+    attention: SummaryMethodExplanation | None = None
+    gradient_x_input: SummaryMethodExplanation | None = None
+    occlusion: SummaryOcclusion | None = None
+
+    @model_serializer(mode="wrap")
+    def _only_requested(self, handler):
+        # A method that was not asked for is absent from the answer, not null.
+        data = handler(self)
+        return {key: value for key, value in data.items() if value is not None}
+
+
 class SummarizeResult(BaseModel):
     summary: str
     sentences: list[SummarySentence]
     truncated: bool = False
-    explanations: dict[str, Any] = Field(default_factory=dict)
+    explanations: SummaryExplanations = Field(default_factory=SummaryExplanations)
 
 
 class SummarizeResponse(BaseModel):

@@ -27,6 +27,7 @@ class SummarizeItem:
     max_sentences: int
     explain: list[str]
     deadline: float = float("inf")
+    faithfulness: bool = False
 
 
 class SummarizeAPI(ls.LitAPI):
@@ -67,7 +68,11 @@ class SummarizeAPI(ls.LitAPI):
         """The body was validated and admitted in the HTTP process (service.admission)."""
         deadline = (context or {}).get("deadline", float("inf"))
         return SummarizeItem(
-            list(request.texts), request.max_sentences, list(request.explain), deadline
+            list(request.texts),
+            request.max_sentences,
+            list(request.explain),
+            deadline,
+            faithfulness=request.faithfulness,
         )
 
     def batch(self, inputs: list[SummarizeItem]) -> list[SummarizeItem]:
@@ -86,8 +91,11 @@ class SummarizeAPI(ls.LitAPI):
                     break
                 try:
                     (summary,) = self.predictor.summarize(
-                        [text], max_sentences=item.max_sentences, explain=item.explain
+                        [text],
+                        max_sentences=item.max_sentences,
+                        explain=[m for m in item.explain if m != "occlusion"],
                     )
+                    explanations = self.explain_summary(text, summary, item)
                 except SummarizationError as error:
                     raise HTTPException(422, f"texts: {error}") from None
                 results.append(
@@ -95,11 +103,46 @@ class SummarizeAPI(ls.LitAPI):
                         "summary": summary.summary,
                         "sentences": summary.sentences,
                         "truncated": summary.truncated,
-                        "explanations": summary.explanations,
+                        "explanations": explanations,
                     }
                 )
             outputs.append(results)
         return outputs
+
+    def explain_summary(self, text: str, summary, item: SummarizeItem) -> dict[str, Any]:
+        """The predictor's explanations, plus sentence-level occlusion and each method's
+        faithfulness to the selection when asked (:mod:`models.summary_explanations`)."""
+        from models.summary_explanations import SummaryExplainer
+
+        explanations = dict(summary.explanations)
+        occlusion = "occlusion" in item.explain
+        measured = item.faithfulness and bool(item.explain)
+        if not (occlusion or measured):
+            return explanations
+        selected = [i for i, sentence in enumerate(summary.sentences) if sentence["selected"]]
+        rankings = None
+        if measured:
+            rankings = {
+                method: {
+                    (word["start"], word["end"]): word["score"]
+                    for unit in explanations[method]["units"]
+                    for word in unit["words"]
+                }
+                for method in item.explain
+                if method != "occlusion"
+            }
+        found = SummaryExplainer(self.predictor).explain(
+            text, selected, occlusion=occlusion, rankings=rankings
+        )
+        if occlusion:
+            explanations["occlusion"] = found["occlusion"]
+        for method, faithfulness in found.get("faithfulness", {}).items():
+            explanations[method] = {**explanations[method], "faithfulness": faithfulness}
+        # Keep the requested order of methods after the unit scores.
+        return {
+            "unit_scores": explanations["unit_scores"],
+            **{m: explanations[m] for m in item.explain},
+        }
 
     def unbatch(self, output: list[list[dict[str, Any]]]) -> list[list[dict[str, Any]]]:
         return output

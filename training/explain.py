@@ -7,7 +7,10 @@
 Prints, per text, the predicted intent and, per method, the words ranked by their
 raw score (with the normalised score in brackets). ``--json`` prints one JSON
 object per text instead; ``--html FILE`` also writes a page with highlighted words.
-Texts come from the arguments, or one per line from standard input.
+Texts come from the arguments, or one per line from standard input. ``--target
+contrast`` explains the top intent against the runner-up (the logit difference);
+``--faithfulness`` measures each explanation on its own text (comprehensiveness and
+sufficiency of the calibrated probability, as the service and the benchmark do).
 """
 
 from __future__ import annotations
@@ -39,7 +42,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"explanation method, repeatable (default: {' and '.join(DEFAULT_METHODS)})",
     )
     parser.add_argument(
-        "--target", help="intent label to explain instead of the predicted one (for every text)"
+        "--target",
+        help="intent label to explain instead of the predicted one (for every text), or "
+        "'contrast' for the top intent against the runner-up",
+    )
+    parser.add_argument(
+        "--faithfulness",
+        action="store_true",
+        help="measure each explanation on its text (comprehensiveness, sufficiency)",
     )
     parser.add_argument("--ig-steps", type=int, default=32, help="integrated-gradients steps")
     parser.add_argument("--top", type=int, default=5, help="words listed per method")
@@ -87,17 +97,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     labels = bundle.labels
-    targets = None
-    if args.target is not None:
+    targets = versus = None
+    predictor = IntentPredictor(bundle)
+    if args.target == "contrast":
+        encoding, _ = predictor.encode(args.texts)
+        top = predictor.forward(encoding).logits.topk(2, dim=-1).indices.tolist()  # (B, 2)
+        targets, versus = [row[0] for row in top], [row[1] for row in top]
+    elif args.target is not None:
         if args.target not in labels:
             print(
                 f"error: unknown intent {args.target!r}; the bundle knows {labels}", file=sys.stderr
             )
             return 2
         targets = [labels.index(args.target)] * len(args.texts)
-    explainer = IntentPredictor(bundle).explainer(ig_steps=args.ig_steps)
+    explainer = predictor.explainer(ig_steps=args.ig_steps)
+
+    def calibrated(texts: list[str]):
+        encoding, _ = predictor.encode(texts)
+        return predictor.probabilities(predictor.forward(encoding).logits)
+
     try:
-        rows = explainer.explain(args.texts, args.method, targets)
+        rows = explainer.explain(args.texts, args.method, targets, versus)
+        if args.faithfulness:
+            explainer.faithfulness(args.texts, rows, calibrated)
     except ExplanationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -112,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             }
             print(json.dumps(document, ensure_ascii=False))
             continue
-        print(f"{text}\n  intent: {target}")
+        other = next(iter(row.values())).versus
+        print(f"{text}\n  intent: {target}" + (f" rather than {labels[other]}" if other else ""))
         for method, explanation in row.items():
             ranked = sorted(
                 zip(explanation.words, normalize(explanation.words), strict=True),
@@ -122,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             shown = "  ".join(f"{w.text} {w.score:+.4f} ({n:+.2f})" for w, n in ranked)
             delta = f"  [delta {explanation.delta:+.2e}]" if explanation.delta is not None else ""
             print(f"  {method}: {shown}{delta}")
+            if explanation.faithfulness is not None:
+                print(
+                    f"    faithfulness: comprehensiveness "
+                    f"{explanation.faithfulness.comprehensiveness:+.3f}, sufficiency "
+                    f"{explanation.faithfulness.sufficiency:+.3f}"
+                )
     if args.html:
         write_html(args.html, args.texts, rows, labels)
         print(f"wrote {args.html}", file=sys.stderr)

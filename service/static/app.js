@@ -3,6 +3,8 @@
 
 const $ = (id) => document.getElementById(id);
 let attribution = "occlusion";
+const pretty = (name) => name.replaceAll("_", " ");
+const methodName = (name) => pretty(name).replace(/^./, (c) => c.toUpperCase());
 
 function headers() {
   const h = { "Content-Type": "application/json" };
@@ -45,6 +47,42 @@ function highlight(element, text, words, signed) {
   if (at < text.length) element.append(text.slice(at));
 }
 
+// One method's faithfulness on this message, in plain words, next to its highlights.
+function showFaithfulness(element, explanation) {
+  element.replaceChildren();
+  const measured = explanation && explanation.faithfulness;
+  element.classList.remove("weak");
+  if (!measured) { element.textContent = ""; return; }
+  const points = (value) => `${(100 * value).toFixed(1)} points`;
+  const intent = pretty(explanation.intent || "the intent");
+  const comp = document.createElement("b");
+  comp.className = "comp";
+  comp.textContent = `comprehensiveness ${measured.comprehensiveness.toFixed(3)}`;
+  const suff = document.createElement("b");
+  suff.textContent = `sufficiency ${measured.sufficiency.toFixed(3)}`;
+  element.append(
+    "Faithfulness on this message: ", comp, ` (deleting its top words lowers ${intent} by ${points(measured.comprehensiveness)} on average), `,
+    suff, ` (keeping only them lowers it by ${points(measured.sufficiency)}).`,
+  );
+  // Deleting the top words barely matters: the highlights do not show why.
+  if (measured.comprehensiveness < 0.05) element.classList.add("weak");
+}
+
+// The target choices: the predicted intent, the contrast of the top two, and each top-k intent.
+function fillTargets(topK) {
+  const select = $("target");
+  const chosen = select.value;
+  for (const option of [...select.options]) if (option.dataset.intent) option.remove();
+  for (const entry of topK) {
+    const option = document.createElement("option");
+    option.value = entry.label;
+    option.dataset.intent = "1";
+    option.textContent = pretty(entry.label);
+    select.append(option);
+  }
+  select.value = [...select.options].some((o) => o.value === chosen) ? chosen : "";
+}
+
 async function classify(event) {
   event.preventDefault();
   const text = $("message").value;
@@ -52,9 +90,13 @@ async function classify(event) {
   button.disabled = true;
   showStatus("");
   try {
-    const data = await call("/v1/classify", {
-      texts: [text], top_k: Number($("top-k").value), explain: ["attention", attribution],
-    });
+    const method = $("method").value;
+    const body = {
+      texts: [text], top_k: Number($("top-k").value),
+      explain: [...new Set(["attention", method])], faithfulness: $("faithfulness").checked,
+    };
+    if ($("target").value) body.target = $("target").value;
+    const data = await call("/v1/classify", body);
     const result = data.results[0];
     $("intent-label").textContent = result.label.replaceAll("_", " ");
     $("intent-score").textContent = `${(100 * result.score).toFixed(1)}%` + (result.truncated ? " (text truncated)" : "");
@@ -72,8 +114,17 @@ async function classify(event) {
       item.append(label, bar, value);
       list.append(item);
     }
+    const chosen = result.explanations[method];
     highlight($("attention-text"), text, result.explanations.attention.words, false);
-    highlight($("attribution-text"), text, result.explanations[attribution].words, true);
+    highlight($("attribution-text"), text, chosen.words, method !== "attention" && method !== "rollout");
+    $("attribution-name").textContent = methodName(method);
+    showFaithfulness($("attention-faithfulness"), result.explanations.attention);
+    showFaithfulness($("attribution-faithfulness"), chosen);
+    $("explained-target").textContent = chosen.versus_intent
+      ? `Explaining why ${pretty(chosen.intent)} rather than ${pretty(chosen.versus_intent)}`
+      : `Explaining ${pretty(chosen.intent)}`;
+    fillTargets(result.top_k);
+    $("faithfulness-help").hidden = !body.faithfulness;
     $("classify-result").hidden = false;
   } catch (error) {
     showStatus(error.message);
@@ -119,7 +170,8 @@ async function loadModels() {
     if (response.status === 401) { showStatus("This server needs an API key: enter it above."); return; }
     const info = await response.json();
     attribution = info.default_attribution || attribution;
-    $("attribution-name").textContent = attribution.replaceAll("_", " ").replace(/^./, (c) => c.toUpperCase());
+    $("method").value = attribution;
+    $("attribution-name").textContent = methodName(attribution);
     $("classify-panel").hidden = !info.models.classify;
     $("summarize-panel").hidden = !info.models.summarize;
   } catch (error) {

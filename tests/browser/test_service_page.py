@@ -74,3 +74,68 @@ def test_service_page_shows_intent_highlights_and_summary(page_server, tmp_path)
         lambda p: abs(p[0] - 253) < 6 and abs(p[1] - 224) < 6 and abs(p[2] - 71) < 10,
     )
     assert yellow > 500
+
+
+def test_service_page_shows_faithfulness_and_lets_the_user_pick_method_and_target(page_server):
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            requests: list[dict] = []
+            page.on(
+                "request",
+                lambda r: (
+                    requests.append(r.post_data_json) if r.url.endswith("/classify") else None
+                ),
+            )
+            page.goto(page_server.url + "/")
+            page.fill("#message", "I lost my card yesterday, please block it")
+            assert page.is_checked("#faithfulness")
+            page.click("#classify-button")
+            page.wait_for_selector("#classify-result:not([hidden])", timeout=30_000)
+            assert requests[-1]["faithfulness"] is True and "target" not in requests[-1]
+            predicted = page.inner_text("#intent-label").strip()
+            # Each method's own faithfulness next to its highlights, in plain words.
+            for box in ("#attention-faithfulness", "#attribution-faithfulness"):
+                words = page.inner_text(box)
+                assert "comprehensiveness" in words and "sufficiency" in words
+                assert "deleting its top words lowers" in words
+            assert page.inner_text("#explained-target") == f"Explaining {predicted}"
+            page.click("#faithfulness-help summary")
+            assert "Comprehensiveness" in page.inner_text("#faithfulness-help")
+
+            # Another method, and the runner-up intent as the target.
+            runner_up = page.locator("#top-k-list li").nth(1).locator("span").first.inner_text()
+            page.select_option("#method", "integrated_gradients")
+            page.select_option("#target", label=runner_up)
+            page.click("#classify-button")
+            # (The page's CSP forbids eval: wait with locator assertions.)
+            expect(page.locator("#attribution-name")).to_have_text(
+                "Integrated gradients", timeout=30_000
+            )
+            body = requests[-1]
+            assert body["explain"] == ["attention", "integrated_gradients"]
+            assert body["target"] == runner_up.replace(" ", "_")
+            assert page.inner_text("#explained-target") == f"Explaining {runner_up}"
+            assert page.locator("#attribution-text .word").count() == 9
+            assert "comprehensiveness" in page.inner_text("#attribution-faithfulness")
+
+            # The contrast of the top two intents.
+            page.select_option("#target", "contrast")
+            page.click("#classify-button")
+            expect(page.locator("#explained-target")).to_contain_text("rather than", timeout=30_000)
+            assert requests[-1]["target"] == "contrast"
+            assert page.inner_text("#explained-target").startswith(f"Explaining why {predicted}")
+
+            # Without the check, no numbers.
+            page.uncheck("#faithfulness")
+            page.click("#classify-button")
+            expect(page.locator("#attribution-faithfulness")).to_have_text("", timeout=30_000)
+            assert requests[-1]["faithfulness"] is False
+            assert page.inner_text("#status") == "" and errors == []
+        finally:
+            browser.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import signal
 import threading
@@ -173,6 +174,9 @@ BAD_INPUTS = [
     ("/v1/summarize", {"texts": ["..."], "max_sentences": 0}, 422, "max_sentences"),
     ("/v1/summarize", {"texts": [""]}, 422, "texts[0]"),
     ("/v1/summarize", {"texts": ["x"], "explain": ["integrated_gradients"]}, 422, "explain[0]"),
+    ("/v1/classify", {"texts": ["x"], "target": "no_such_intent"}, 422, "target"),
+    ("/v1/classify", {"texts": ["x"], "faithfulness": "yes"}, 422, "faithfulness"),
+    ("/v1/summarize", {"texts": ["x"], "faithfulness": 1}, 422, "faithfulness"),
 ]
 
 
@@ -317,3 +321,133 @@ def test_service_workers_let_idle_threads_sleep(server):
     # Spinning OpenMP threads would take the cores another worker was given.
     for worker in model_workers(server.process.pid):
         assert worker.environ().get("OMP_WAIT_POLICY") == "PASSIVE"
+
+def _probability(server, auth, texts, intent):
+    """The calibrated probability of ``intent`` for each text, asked of the API itself."""
+    response = post(server, "/v1/classify", {"texts": texts, "top_k": len(INTENTS)}, auth)
+    assert response.status_code == 200, response.text
+    return [
+        next(e["score"] for e in r["top_k"] if e["label"] == intent)
+        for r in response.json()["results"]
+    ]
+
+
+def _without(text, words):
+    """``text`` with the characters of ``words`` deleted (done here, not by the service)."""
+    gone = {c for w in words for c in range(w["start"], w["end"])}
+    return "".join(ch for c, ch in enumerate(text) if c not in gone)
+
+
+def test_service_faithfulness_equals_an_independent_recomputation(server, auth):
+    texts = [MESSAGES[0], MESSAGES[4]]
+    methods = ["attention", "occlusion", "gradient_x_input"]
+    body = {"texts": texts, "explain": methods, "faithfulness": True}
+    response = post(server, "/v1/classify", body, auth)
+    assert response.status_code == 200, response.text
+    for text, result in zip(texts, response.json()["results"], strict=True):
+        for method in methods:
+            explanation = result["explanations"][method]
+            intent = explanation["intent"]
+            assert intent == result["top_k"][0]["label"]  # the predicted intent by default
+            words = explanation["words"]
+            order = sorted(range(len(words)), key=lambda i: (-words[i]["score"], i))
+            (full,) = _probability(server, auth, [text], intent)
+            deleted, kept, sizes = [], [], []
+            for fraction in (0.1, 0.2, 0.3, 0.4, 0.5):
+                k = max(1, math.ceil(round(fraction * len(words), 9)))
+                sizes.append(k)
+                top = [words[i] for i in order[:k]]
+                rest = [words[i] for i in order[k:]]
+                deleted.append(_without(text, top))
+                kept.append(_without(text, rest))
+            p_deleted = _probability(server, auth, deleted, intent)
+            p_kept = _probability(server, auth, kept, intent)
+            measured = explanation["faithfulness"]
+            assert [b["words"] for b in measured["bins"]] == sizes
+            expected_comp = sum(full - p for p in p_deleted) / 5
+            expected_suff = sum(full - p for p in p_kept) / 5
+            assert measured["comprehensiveness"] == pytest.approx(expected_comp, abs=1e-4)
+            assert measured["sufficiency"] == pytest.approx(expected_suff, abs=1e-4)
+
+
+def test_service_explains_a_chosen_intent_and_the_contrast_of_the_top_two(server, auth):
+    text = MESSAGES[1]
+    plain = post(server, "/v1/classify", {"text": text, "top_k": 4}, auth).json()["results"][0]
+    first, second = plain["top_k"][0]["label"], plain["top_k"][1]["label"]
+
+    def occlusion(**options):
+        body = {"text": text, "explain": ["occlusion", "attention"], **options}
+        response = post(server, "/v1/classify", body, auth)
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]["explanations"]
+
+    of_first, of_second = occlusion(target=first), occlusion(target=second)
+    assert of_first["occlusion"]["intent"] == first and of_second["occlusion"]["intent"] == second
+    contrast = occlusion(target="contrast", faithfulness=True)
+    assert contrast["occlusion"]["intent"] == first
+    assert contrast["occlusion"]["versus_intent"] == second
+    # The margin's occlusion is the first intent's minus the second's, word by word.
+    for margin, a, b in zip(
+        contrast["occlusion"]["words"],
+        of_first["occlusion"]["words"],
+        of_second["occlusion"]["words"],
+        strict=True,
+    ):
+        assert margin["score"] == pytest.approx(a["score"] - b["score"], abs=1e-4)
+    # Attention does not depend on the class: the same words and scores for any target.
+    assert of_first["attention"]["words"] == of_second["attention"]["words"]
+    assert contrast["attention"]["faithfulness"]["bins"][0]["fraction"] == 0.1
+
+
+def test_service_unknown_target_is_a_422_naming_it(server, auth):
+    body = {"text": "refund", "explain": ["occlusion"], "target": "refund_statuss"}
+    response = post(server, "/v1/classify", body, auth)
+    assert response.status_code == 422
+    answer = response.json()
+    assert "refund_statuss" in answer["detail"]
+    assert answer["errors"] and answer["errors"][0]["field"] == "target"
+    assert "refund_statuss" in answer["errors"][0]["message"]
+
+
+def test_service_summary_occlusion_and_selection_faithfulness(server, auth):
+    conversation = "\n".join(CONVERSATION.splitlines()[:3])  # within the test's cost budget
+    body = {
+        "texts": [conversation],
+        "max_sentences": 2,
+        "explain": ["attention", "occlusion"],
+        "faithfulness": True,
+    }
+    response = post(server, "/v1/summarize", body, auth)
+    assert response.status_code == 200, response.text
+    result = response.json()["results"][0]
+    explanations = result["explanations"]
+    assert list(explanations) == ["unit_scores", "attention", "occlusion"]
+    selected = [i for i, s in enumerate(result["sentences"]) if s["selected"]]
+    occluded = explanations["occlusion"]["units"]
+    assert [entry["unit"] for entry in occluded] == selected
+    for entry in occluded:
+        assert all(conversation[w["start"] : w["end"]] == w["text"] for w in entry["words"])
+        assert {u["unit"] for u in entry["sentences"]} == set(range(len(result["sentences"]))) - {
+            entry["unit"]
+        }
+    for method in ("attention", "occlusion"):
+        measured = explanations[method]["faithfulness"]
+        assert len(measured["bins"]) == 5
+        assert -1.0 <= measured["comprehensiveness"] <= 1.0
+    plain = post(server, "/v1/summarize", {"texts": [CONVERSATION]}, auth).json()
+    assert list(plain["results"][0]["explanations"]) == ["unit_scores"]  # nothing else, no nulls
+
+
+def test_service_faithfulness_runs_on_the_explanation_pool(server, auth):
+    def count(api):
+        text = requests.get(f"{server.url}/metrics", timeout=5).text
+        return _samples(text, "supportlens_batch_size_count", api=api)
+
+    before = (count("/v1/classify"), count("/v1/classify/explain"))
+    body = {"text": MESSAGES[2], "explain": ["attention"], "faithfulness": True}
+    response = post(server, "/v1/classify", body, auth)
+    assert response.status_code == 200
+    assert "faithfulness" in response.json()["results"][0]["explanations"]["attention"]
+    # Only attention, which is free, yet the perturbed texts are work: the explanation pool.
+    assert count("/v1/classify/explain") == before[1] + 1
+    assert count("/v1/classify") == before[0]

@@ -271,3 +271,69 @@ def test_cli_reports_bad_input_without_traceback(tiny_bundle, capsys, argv, mess
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_contrast_explains_the_logit_difference_and_swapping_flips_every_sign(explainer):
+    texts = ["my card payment was declined twice", "top up failed again"]
+    methods = ["gradient_x_input", "occlusion", "integrated_gradients"]
+    a_vs_b = explainer.explain(texts, methods, targets=[0, 2], versus=[1, 3])
+    b_vs_a = explainer.explain(texts, methods, targets=[1, 3], versus=[0, 2])
+    only_a = explainer.explain(texts, methods, targets=[0, 2])
+    only_b = explainer.explain(texts, methods, targets=[1, 3])
+    for index in range(len(texts)):
+        for method in methods:
+            forward = [w.score for w in a_vs_b[index][method].words]
+            backward = [w.score for w in b_vs_a[index][method].words]
+            difference = [
+                a.score - b.score
+                for a, b in zip(
+                    only_a[index][method].words, only_b[index][method].words, strict=True
+                )
+            ]
+            assert any(abs(s) > 1e-6 for s in forward)
+            # A vs B is exactly minus B vs A, and the target's scores minus the other's.
+            tolerance = 2e-3 if method == "integrated_gradients" else 1e-4
+            assert forward == pytest.approx([-s for s in backward], abs=tolerance)
+            assert forward == pytest.approx(difference, abs=tolerance)
+            assert a_vs_b[index][method].versus == [1, 3][index]
+            assert a_vs_b[index][method].to_dict()["versus"] == [1, 3][index]
+    # The margin's integrated gradients are complete: they sum to the change of the margin.
+    encoding = explainer.encode(texts[:1])
+    inputs = explainer._inputs(encoding)
+    baseline = explainer._baseline_ids(inputs["input_ids"], explainer._keep(encoding))
+    full = [_logit(explainer, inputs["input_ids"], inputs, c) for c in (0, 1)]
+    base = [_logit(explainer, baseline, inputs, c) for c in (0, 1)]
+    total = sum(w.score for w in a_vs_b[0]["integrated_gradients"].words)
+    change = (full[0] - full[1]) - (base[0] - base[1])
+    assert total == pytest.approx(change, abs=abs(a_vs_b[0]["integrated_gradients"].delta) + 1e-3)
+
+
+def test_contrast_of_a_class_with_itself_or_an_unknown_class_is_refused(explainer):
+    with pytest.raises(ValueError, match="two different classes"):
+        explainer.explain(["card lost"], ["occlusion"], targets=[1], versus=[1])
+    with pytest.raises(ValueError, match="not a class index"):
+        explainer.explain(["card lost"], ["occlusion"], targets=[1], versus=[9])
+
+
+def test_cli_explains_the_contrast_of_the_top_two_with_its_faithfulness(tiny_bundle, capsys):
+    from training.explain import main
+
+    text = "my card was declined twice"
+    argv = ["--bundle", str(tiny_bundle), "--method", "occlusion", "--target", "contrast"]
+    assert main([*argv, "--faithfulness", "--json", text]) == 0
+    document = json.loads(capsys.readouterr().out)
+    occlusion = document["explanations"]["occlusion"]
+    assert occlusion["versus"] != occlusion["target"]
+    assert set(occlusion["faithfulness"]) == {"comprehensiveness", "sufficiency", "bins"}
+    assert main([*argv, "--faithfulness", text]) == 0
+    printed = capsys.readouterr().out
+    assert "rather than" in printed and "faithfulness: comprehensiveness" in printed
+
+
+def test_attention_and_rollout_are_the_same_for_every_target(explainer):
+    text = ["why was my top up declined"]
+    methods = ["attention", "rollout"]
+    (first,) = explainer.explain(text, methods, targets=[0])
+    (other,) = explainer.explain(text, methods, targets=[3], versus=[1])
+    for method in methods:
+        assert [w.score for w in first[method].words] == [w.score for w in other[method].words]

@@ -105,3 +105,45 @@ def test_admission_summarize_budget_counts_gradient_passes():
     with pytest.raises(Refusal) as refused:
         run(admission.check(["word " * 40], ["gradient_x_input"]))  # 40 x 3
     assert refused.value.status == 413
+
+
+def test_admission_counts_faithfulness_variants_per_method():
+    admission, _ = classify(Settings(ig_steps=8))
+    # 4 tokens: prediction 1 + occlusion 4, and faithfulness: the text + 2 x 5 bins per method.
+    assert admission.cost([4], ["occlusion"], faithfulness=True) == 4 * (1 + 4 + 1 + 10)
+    assert admission.cost([4], ["attention", "occlusion"], True) == 4 * (1 + 4 + 1 + 20)
+    assert admission.cost([4], [], faithfulness=True) == 4  # nothing to measure
+    tight, _ = classify(Settings(max_request_cost=4 * (1 + 4)), max_length=64)
+    run(tight.check(["one two"], 3, ["occlusion"]))
+    with pytest.raises(Refusal) as refused:
+        run(tight.check(["one two"], 3, ["occlusion"], faithfulness=True))
+    assert refused.value.status == 413
+
+
+def test_admission_refuses_an_unknown_target_intent_naming_it():
+    admission, _ = classify(Settings())
+    run(admission.check(["hi"], 3, ["occlusion"], target="b"))
+    run(admission.check(["hi"], 3, ["occlusion"], target="contrast"))
+    with pytest.raises(Refusal) as refused:
+        run(admission.check(["hi"], 3, ["occlusion"], target="refund_statuss"))
+    assert refused.value.status == 422 and refused.value.field == "target"
+    assert "'refund_statuss'" in refused.value.detail
+
+
+class SentenceSummarizer(FakeSummarizer):
+    def segment(self, texts):
+        return [[s for s in texts[0].split(".") if s.strip()]]
+
+
+def test_admission_summary_occlusion_counts_a_pass_per_word_and_per_sentence():
+    admission = SummarizeAdmission(SentenceSummarizer(), Settings(max_request_cost=10**6))
+    text = "one two. three four. five six"  # 6 tokens, 3 sentences
+    admission.settings = Settings(max_request_cost=6 * (1 + 6 + 3) - 1)
+    with pytest.raises(Refusal):
+        run(admission.check([text], ["occlusion"]))
+    admission.settings = Settings(max_request_cost=6 * (1 + 6 + 3))
+    run(admission.check([text], ["occlusion"]))
+    with pytest.raises(Refusal):  # the selection's faithfulness: 1 + 2 x 5 bins more
+        run(admission.check([text], ["occlusion"], faithfulness=True))
+    admission.settings = Settings(max_request_cost=6 * (1 + 6 + 3 + 11))
+    run(admission.check([text], ["occlusion"], faithfulness=True))
