@@ -322,6 +322,7 @@ def test_service_workers_let_idle_threads_sleep(server):
     for worker in model_workers(server.process.pid):
         assert worker.environ().get("OMP_WAIT_POLICY") == "PASSIVE"
 
+
 def _probability(server, auth, texts, intent):
     """The calibrated probability of ``intent`` for each text, asked of the API itself."""
     response = post(server, "/v1/classify", {"texts": texts, "top_k": len(INTENTS)}, auth)
