@@ -212,7 +212,7 @@ def test_bundle_refuses_a_graph_of_the_other_task(exported, tmp_path):
     path = _bundle_copy(exported[0], tmp_path)
     shutil.copyfile(exported[1] / GRAPH_FILES["int8"], path / GRAPH_FILES["int8"])
     _resign(path, GRAPH_FILES["int8"])
-    with pytest.raises(BundleError, match="onnx/model.int8.onnx has inputs"):
+    with pytest.raises(BundleError, match=r"onnx/model\.int8\.onnx has inputs"):
         verify_bundle(path)
 
 
@@ -220,7 +220,7 @@ def test_bundle_refuses_an_unknown_or_unreadable_onnx_file(exported, tmp_path):
     path = _bundle_copy(exported[0], tmp_path)
     (path / "onnx" / "extra.onnx").write_bytes(b"not a graph")
     _resign(path, "onnx/extra.onnx")
-    with pytest.raises(BundleError, match="onnx/extra.onnx is not a known ONNX file"):
+    with pytest.raises(BundleError, match=r"onnx/extra\.onnx is not a known ONNX file"):
         verify_bundle(path)
     (path / "onnx" / "extra.onnx").unlink()
     manifest = json.loads((path / "manifest.json").read_text())
@@ -228,7 +228,7 @@ def test_bundle_refuses_an_unknown_or_unreadable_onnx_file(exported, tmp_path):
     (path / "manifest.json").write_text(json.dumps(manifest))
     (path / GRAPH_FILES["int8"]).write_bytes(b"\x08garbage")
     _resign(path, GRAPH_FILES["int8"])
-    with pytest.raises(BundleError, match="onnx/model.int8.onnx is not a readable ONNX model"):
+    with pytest.raises(BundleError, match=r"onnx/model\.int8\.onnx is not a readable ONNX model"):
         verify_bundle(path)
 
 
