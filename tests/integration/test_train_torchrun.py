@@ -70,7 +70,13 @@ def test_torchrun_ranks_agree_one_bundle_is_written_and_resume_works(tmp_path, t
 
     # Resume: both ranks continue from the last complete checkpoint of the first run.
     logs = torchrun(
-        output_dir, tmp_path / "logs-2", tiny_backbone, "--num_train_epochs", "2", "--resume", "true"
+        output_dir,
+        tmp_path / "logs-2",
+        tiny_backbone,
+        "--num_train_epochs",
+        "2",
+        "--resume",
+        "true",
     )
     checkpoint = f"checkpoint-{first_steps}"
     assert all(f"resuming from {output_dir / checkpoint}" in log for log in logs.values())
