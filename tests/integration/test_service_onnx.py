@@ -132,3 +132,20 @@ def test_bad_backend_setting_stops_the_server_with_one_line(tiny_bundles):
     assert line == (
         "supportlens-serve: SUPPORTLENS_BACKEND must be one of torch, onnx, got 'onnxruntime'"
     )
+
+
+def test_backends_benchmark_scores_each_backend_on_labelled_texts(exported_bundles):
+    from benchmarks.serving import BACKENDS, backend_quality
+
+    bundle = load_bundle(exported_bundles[0])
+    texts = TEXTS * 5
+    labels = [p.label for p in IntentPredictor(bundle).predict(texts)]  # PyTorch's labels
+    quality = {
+        backend: backend_quality(str(exported_bundles[0]), backend, texts, labels, threads=1)
+        for backend in BACKENDS
+    }
+    assert quality["torch"]["accuracy"] == quality["onnx-fp32"]["accuracy"] == 100.0
+    assert quality["onnx-fp32"]["predicted"] == quality["torch"]["predicted"]
+    for backend in BACKENDS:
+        assert 0 <= quality[backend]["ece_after"] <= 100
+        assert len(quality[backend]["predicted"]) == len(texts)
