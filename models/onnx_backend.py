@@ -215,10 +215,13 @@ def quantize_graph(
     *,
     per_channel: bool = False,
     keep_fp32: Sequence[str] = DEFAULT_KEEP_FP32,
+    weights_only: bool = True,
 ) -> dict[str, Any]:
     """Dynamic int8 quantization of the MatMul weights of ``source`` into ``target``;
     MatMuls of the modules named in ``keep_fp32`` (dotted paths under the model:
-    ``pooling``, ``head``, ``encoder.encoder.layer.5``) stay fp32. Returns what was done, for ``export.json``."""
+    ``pooling``, ``head``, ``encoder.encoder.layer.5``) stay fp32; with ``weights_only``
+    false, MatMuls of two activations are quantized too. Returns what was done, for
+    ``export.json``."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -235,11 +238,15 @@ def quantize_graph(
         per_channel=per_channel,
         weight_type=QuantType.QInt8,
         nodes_to_exclude=excluded,
+        # weights_only: MatMuls of two activations (attention scores and mixing) stay
+        # fp32; ONNX Runtime would otherwise quantize both of their inputs on the fly.
+        extra_options={"MatMulConstBOnly": weights_only},
     )
     return {
         "weight_type": "int8",
         "op_types": ["MatMul"],
         "per_channel": per_channel,
+        "weights_only": weights_only,
         "kept_fp32": list(keep_fp32),
         "excluded_nodes": len(excluded),
     }
