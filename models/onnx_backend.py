@@ -213,7 +213,7 @@ def quantize_graph(
     source: str | os.PathLike,
     target: str | os.PathLike,
     *,
-    per_channel: bool = False,
+    per_channel: bool = True,
     keep_fp32: Sequence[str] = DEFAULT_KEEP_FP32,
     weights_only: bool = True,
 ) -> dict[str, Any]:
