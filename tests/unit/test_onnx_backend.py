@@ -289,3 +289,10 @@ def test_export_failure_leaves_the_bundle_unchanged(exported, tmp_path, monkeypa
     assert (path / "manifest.json").read_bytes() == before
     verify_bundle(path)
     assert not list(tmp_path.glob(".bundle.*"))
+
+
+def test_onnx_session_uses_the_workers_thread_count(exported):
+    bundle = load_bundle(exported[0])
+    for threads in (1, 3):
+        options = onnx_runner(bundle, "int8", threads=threads).session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1)
