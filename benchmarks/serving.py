@@ -23,6 +23,17 @@ settings, so the figures are what ``make serve`` gives on the same machine.
     python benchmarks/serving.py --bundle runs/banking77/bundle
     python benchmarks/serving.py --bundle runs/demo-intent/bundle --quick   # ~4 minutes
     python benchmarks/serving.py --random-init --api-servers 2   # no trained bundle at hand
+
+``--backends`` measures the inference backends side by side instead (issue 13) and
+writes ``benchmarks/results/backends.md`` / ``.json``: PyTorch fp32, ONNX Runtime fp32
+and ONNX Runtime int8 (the bundle must hold both graphs: ``supportlens-export-onnx
+BUNDLE --int8``) as raw throughput at concurrency 32 (tokenization included, in both
+process layouts) and latency at concurrency 1; accuracy and ECE (after the bundle's
+temperature) of each on the BANKING77 test file; and the server with the ONNX backend
+(``SUPPORTLENS_BACKEND=onnx``, ``--fast-precision``) next to its own raw limit and the
+PyTorch server:
+
+    python benchmarks/serving.py --backends --bundle runs/banking77/bundle --quick
 """
 
 from __future__ import annotations
@@ -84,7 +95,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="concurrency 1 and 32 only, 2 rounds of up to 400 requests (a few minutes)",
     )
-    parser.add_argument("--out", default="benchmarks/results/serving")
+    parser.add_argument(
+        "--backends",
+        action="store_true",
+        help="torch vs ONNX Runtime fp32 / int8: speed, accuracy, ECE (benchmarks/results/backends)",
+    )
+    parser.add_argument(
+        "--fast-precision",
+        choices=("fp32", "int8"),
+        default="int8",
+        help="--backends: the ONNX precision the server runs with",
+    )
+    parser.add_argument("--out", default=None, help="results path without suffix")
     parser.add_argument("--baseline-app", help=argparse.SUPPRESS)  # internal: run the baseline
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -259,14 +281,26 @@ async def load(url: str, texts: list[str], concurrency: int, total: int, cap: fl
     return summarize(latencies, time.perf_counter() - started, errors)
 
 
-def _raw_process(bundle, texts, batch, total, cap, threads, device, barrier, results, rank):
+def _predictor(bundle_dir: str, device: str, threads: int, backend: str = "torch"):
+    """An IntentPredictor on ``backend``: ``torch``, ``onnx-fp32`` or ``onnx-int8``."""
     import torch
 
     from models.bundle import load_bundle
+    from models.onnx_backend import onnx_runner
     from models.predictor import IntentPredictor
 
     torch.set_num_threads(threads)
-    predictor = IntentPredictor(load_bundle(bundle, task="intent-classification", device=device))
+    bundle = load_bundle(bundle_dir, task="intent-classification", device=device)
+    if backend == "torch":
+        return IntentPredictor(bundle)
+    precision = backend.removeprefix("onnx-")
+    return IntentPredictor(bundle, runner=onnx_runner(bundle, precision, threads))
+
+
+def _raw_process(
+    bundle, texts, batch, total, cap, threads, device, barrier, results, rank, backend="torch"
+):
+    predictor = _predictor(bundle, device, threads, backend)
     predictor.predict(texts[:batch])  # warm-up
     barrier.wait()
     latencies = []
@@ -284,8 +318,10 @@ def _raw_process(bundle, texts, batch, total, cap, threads, device, barrier, res
     results.put((latencies, time.perf_counter() - started))
 
 
-def raw_limit(bundle, texts, concurrency, total, cap, threads, device, processes=1):
-    """The model alone: ``processes`` processes with ``threads // processes`` torch threads
+def raw_limit(
+    bundle, texts, concurrency, total, cap, threads, device, processes=1, backend="torch"
+):
+    """The model alone: ``processes`` processes with ``threads // processes`` threads
     each, sharing ``total`` requests in batches that add up to ``concurrency``."""
     import multiprocessing as mp
 
@@ -306,6 +342,7 @@ def raw_limit(bundle, texts, concurrency, total, cap, threads, device, processes
                 barrier,
                 results,
                 rank,
+                backend,
             ),
         )
         for rank in range(processes)
@@ -399,6 +436,9 @@ def main(argv=None) -> int:
     if args.baseline_app:
         run_baseline_app(args.baseline_app, args.port, args.threads, device)
         return 0
+    if args.backends:
+        return run_backends(args, argv, device)
+    args.out = args.out or "benchmarks/results/serving"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     texts = load_texts(args.data)
@@ -534,6 +574,278 @@ def main(argv=None) -> int:
     run["summary"] = summarize_run(cells, max(args.concurrency))
     print(write_runs(Path(args.out).parent, Path(args.out).name, device, run, render_markdown))
     return 0
+
+
+# -- backends (issue 13) ----------------------------------------------------------------
+
+BACKENDS = ("torch", "onnx-fp32", "onnx-int8")
+
+
+def load_labelled(path: str) -> tuple[list[str], list[str]]:
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"serving benchmark: no BANKING77 test file at {path} (use --data)")
+    with open(file, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [row["text"] for row in rows], [row["category"] for row in rows]
+
+
+def backend_quality(bundle: str, backend: str, texts, labels, threads: int) -> dict:
+    """Accuracy, macro-F1 and ECE (after the bundle's temperature, and before) of one
+    backend on the labelled file, in batches of 64, plus its agreement with PyTorch."""
+    import numpy as np
+    import torch
+    from sklearn.metrics import f1_score
+
+    from training.evaluation import expected_calibration_error, softmax
+
+    predictor = _predictor(bundle, "cpu", threads, backend)
+    index = {label: i for i, label in enumerate(predictor.labels)}
+    missing = sorted(set(labels) - set(index))
+    if missing:
+        raise SystemExit(f"serving benchmark: labels of {bundle} lack {missing[:3]}")
+    logits = []
+    started = time.perf_counter()
+    for first in range(0, len(texts), 64):
+        encoding, _ = predictor.encode(texts[first : first + 64])
+        with torch.inference_mode():
+            logits.append(predictor.forward(encoding).logits.float().numpy())
+    elapsed = time.perf_counter() - started
+    logits = np.concatenate(logits)  # (N, C)
+    truth = np.array([index[label] for label in labels])
+    predicted = logits.argmax(axis=1)
+    return {
+        "accuracy": round(100 * float((predicted == truth).mean()), 2),
+        "macro_f1": round(100 * float(f1_score(truth, predicted, average="macro")), 2),
+        "ece_before": round(100 * expected_calibration_error(softmax(logits), truth), 2),
+        "ece_after": round(
+            100 * expected_calibration_error(softmax(logits, predictor.temperature), truth), 2
+        ),
+        "examples": len(texts),
+        "seconds": round(elapsed, 1),
+        "predicted": predicted.tolist(),
+    }
+
+
+def run_backends(args: argparse.Namespace, argv, device: str) -> int:
+    """The backends side by side: quality, raw speed, and the server on the fast backend."""
+    if device != "cpu":
+        raise SystemExit("serving benchmark: --backends measures the CPU backends (--device cpu)")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = Path(args.out or "benchmarks/results/backends")
+    texts, labels = load_labelled(args.data)
+    bundle = args.bundle
+    from models.bundle import load_bundle
+
+    graphs = load_bundle(bundle, task="intent-classification").onnx_graphs
+    if set(graphs) != {"fp32", "int8"}:
+        raise SystemExit(
+            f"serving benchmark: {bundle} needs both ONNX graphs; run: "
+            f"supportlens-export-onnx {bundle} --int8"
+        )
+    export_info = json.loads((Path(bundle) / "onnx" / "export.json").read_text())
+    fast = f"onnx-{args.fast_precision}"
+    run: dict = {
+        "machine": machine(),
+        "device": device,
+        "command": " ".join(["python benchmarks/serving.py", *recorded_args(argv)]),
+        "bundle": bundle,
+        "bundle_training": {
+            k: load_bundle(bundle).training.get(k) for k in ("epochs", "global_step", "recipe")
+        },
+        "quantization": export_info["graphs"]["int8"].get("quantization"),
+        "texts": f"{args.data} ({len(texts)} messages)",
+        "rounds": args.rounds,
+        "requests_per_cell": args.requests,
+        "fast_backend": fast,
+        "quality": {},
+        "cells": {},
+    }
+
+    # Quality: every backend on the whole test file (single process, every core).
+    for backend in BACKENDS:
+        run["quality"][backend] = backend_quality(bundle, backend, texts, labels, args.threads)
+        print(backend, {k: v for k, v in run["quality"][backend].items() if k != "predicted"})
+    reference = run["quality"]["torch"]["predicted"]
+    for backend in BACKENDS:
+        predicted = run["quality"][backend].pop("predicted")
+        agree = sum(a == b for a, b in zip(predicted, reference, strict=True))
+        run["quality"][backend]["agreement_with_torch"] = round(100 * agree / len(reference), 2)
+
+    samples: dict[str, list[dict]] = {}
+
+    def measure(name: str, cell) -> None:
+        samples.setdefault(name, []).append(cell)
+        print(f"{name}: {cell}", flush=True)
+
+    env = {
+        "SUPPORTLENS_INTENT_BUNDLE": bundle,
+        "SUPPORTLENS_SUMMARIZER_BUNDLE": "none",
+        "SUPPORTLENS_DEVICE": "cpu",
+        "SUPPORTLENS_API_SERVERS": str(args.api_servers),
+        "SUPPORTLENS_LOG_LEVEL": "warning",
+    }
+    fast_env = {
+        **env,
+        "SUPPORTLENS_BACKEND": "onnx",
+        "SUPPORTLENS_ONNX_PRECISION": args.fast_precision,
+    }
+    settings = Settings.from_env(fast_env)
+    workers = settings.classify_workers()
+    run["server"] = {
+        "classify_workers": workers,
+        "threads_per_worker": settings.threads_per_worker(workers),
+        "api_servers": args.api_servers,
+        "max_batch_size": settings.max_batch_size,
+    }
+    servers = {}
+    for name, server_env in (("server torch", env), (f"server {fast}", fast_env)):
+        port = free_port()
+        process = start(
+            [sys.executable, "-m", "service.server"], {**server_env, "SUPPORTLENS_PORT": str(port)}
+        )
+        servers[name] = (process, f"http://127.0.0.1:{port}")
+    top = max(args.concurrency)
+    try:
+        for process, url in servers.values():
+            wait_ready(url, process)
+            pause(process)
+        for round_ in range(args.rounds):
+            print(f"-- round {round_ + 1} of {args.rounds}", flush=True)
+            for backend in BACKENDS:
+                for c in args.concurrency:
+                    layouts = [(1, 1), (1, args.threads)] if c == 1 else [(1, args.threads)]
+                    if c > 1 and args.threads > 1:
+                        layouts.append((args.threads, 1))
+                    for processes, threads in layouts:
+                        measure(
+                            f"raw {backend} ({processes}x{threads} threads) c={c}",
+                            raw_limit(
+                                bundle, texts, c, args.requests, args.time_cap,
+                                processes * threads, "cpu", processes, backend,
+                            ),
+                        )  # fmt: skip
+            for name, (process, url) in servers.items():
+                resume(process)
+                for c in args.concurrency:
+                    asyncio.run(load(url + "/v1/classify", texts, c, 32, 10, []))  # warm-up
+                    measure(
+                        f"{name} c={c}",
+                        asyncio.run(
+                            load(url + "/v1/classify", texts, c, args.requests, args.time_cap, [])
+                        ),
+                    )
+                pause(process)
+    finally:
+        for process, _ in servers.values():
+            resume(process)
+            stop(process)
+    for name, rounds in samples.items():
+        run["cells"][name] = median_cell(rounds)
+    run["summary"] = summarize_backends(run, top)
+    print(write_runs(out.parent, out.name, device, run, render_backends))
+    return 0
+
+
+def summarize_backends(run: dict, top: int) -> dict[str, object]:
+    """The issue-13 targets: speed-ups against PyTorch, accuracy change, server vs raw."""
+    cells, quality, fast = run["cells"], run["quality"], run["fast_backend"]
+
+    def best(backend: str, c: int) -> float:
+        return max(
+            cell["rps"] for name, cell in cells.items() if name.startswith(f"raw {backend} (")
+            and name.endswith(f" c={c}")
+        )  # fmt: skip
+
+    def p50(backend: str) -> float:
+        return min(
+            cell["p50_ms"] for name, cell in cells.items() if name.startswith(f"raw {backend} (")
+            and name.endswith(" c=1")
+        )  # fmt: skip
+
+    summary: dict[str, object] = {}
+    for backend in BACKENDS[1:]:
+        summary[f"{backend} / torch raw throughput at c={top} (best layouts)"] = round(
+            best(backend, top) / best("torch", top), 2
+        )
+        summary[f"{backend} / torch raw p50 at c=1 (best layouts)"] = round(
+            p50(backend) / p50("torch"), 2
+        )
+        summary[f"{backend} accuracy change (points)"] = round(
+            quality[backend]["accuracy"] - quality["torch"]["accuracy"], 2
+        )
+    server_fast, server_torch = cells[f"server {fast} c={top}"], cells[f"server torch c={top}"]
+    summary[f"server ({fast}) / its raw limit at c={top}"] = round(
+        server_fast["rps"] / best(fast, top), 2
+    )
+    summary[f"server ({fast}) / server (torch) at c={top}"] = round(
+        server_fast["rps"] / server_torch["rps"], 2
+    )
+    if f"server {fast} c=1" in cells:
+        summary[f"server ({fast}) / server (torch) p50 at c=1"] = round(
+            cells[f"server {fast} c=1"]["p50_ms"] / cells["server torch c=1"]["p50_ms"], 2
+        )
+    return summary
+
+
+def render_backends(results: dict) -> str:
+    lines = [
+        "# Inference backends: PyTorch vs ONNX Runtime (fp32, dynamic int8)",
+        "",
+        "One run per device kind, `python benchmarks/serving.py --backends`: every backend "
+        "classifies the whole BANKING77 test file (accuracy, macro-F1, ECE before and after "
+        "the bundle's temperature, in %), then the raw predictor (tokenization, forward, "
+        "calibration, top-k; no HTTP) of each backend is timed at concurrency 1 and 32 in "
+        "each process layout, and the server runs with the PyTorch and with the ONNX "
+        "backend. Setups take turns round after round (servers not measured are paused); "
+        "each cell shows its median round.",
+    ]
+    for kind, run in sorted(results["runs"].items()):
+        m = run["machine"]
+        server = run["server"]
+        lines += [
+            "",
+            f"## {kind} ({hardware(m)})",
+            "",
+            f"Command: `{run['command']}`",
+            "",
+            f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}, "
+            f"Python {m['python']}; load average at start {m['load_average_at_start']}. "
+            f"Model: {run['bundle']} (trained {run['bundle_training']}). "
+            f"int8 quantization: {run['quantization']}. Requests: {run['texts']}. "
+            f"Servers: {server['classify_workers']} classify worker(s) x "
+            f"{server['threads_per_worker']} thread(s), {server['api_servers']} HTTP "
+            f"process(es). Rounds: {run['rounds']}, up to {run['requests_per_cell']} "
+            "requests per cell and round.",
+            "",
+            *([run["note"], ""] if run.get("note") else []),
+            "| backend | accuracy | macro-F1 | ECE before | ECE after | same label as torch | "
+            "seconds for the file |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for backend, q in run["quality"].items():
+            lines.append(
+                f"| {backend} | {q['accuracy']} | {q['macro_f1']} | {q['ece_before']} | "
+                f"{q['ece_after']} | {q['agreement_with_torch']} | {q['seconds']} |"
+            )
+        lines += [
+            "",
+            "| setup | concurrency | requests | errors | req/s (median round) | req/s by round "
+            "| p50 ms | p99 ms |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, cell in run["cells"].items():
+            setup, _, c = name.rpartition(" c=")
+            rounds = " / ".join(str(x) for x in cell.get("rps_by_round", [cell["rps"]]))
+            lines.append(
+                f"| {setup} | {c} | {cell['requests']} | {cell['errors']} | {cell['rps']} | "
+                f"{rounds} | {cell['p50_ms']} | {cell['p99_ms']} |"
+            )
+        lines += ["", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in run["summary"].items()]
+    lines.append("")
+    return "\n".join(lines)
 
 
 def summarize_run(cells: dict[str, dict], top: int) -> dict[str, object]:

@@ -14,6 +14,10 @@ Layout (format 2)::
       training.json            how it was trained (recipe, data, time, versions)
       metrics.json             evaluation figures
       resolved_config.json     every training argument (when written by a training run)
+      onnx/model.onnx, onnx/model.int8.onnx, onnx/export.json
+                               optional ONNX graphs (fp32, int8) for the ONNX Runtime
+                               backend, added by ``supportlens-export-onnx`` (see
+                               :mod:`models.onnx_backend`)
       manifest.json            {"format": 2, "task": ..., "files": {relative path: SHA-256}}
 
 After ``import models``, ``AutoModel.from_pretrained(bundle)`` and
@@ -23,7 +27,8 @@ anywhere and never remote code.
 :func:`verify_bundle` is the deep check every load starts with: the manifest's schema;
 every path relative and inside the bundle (no absolute path, no ``..``, no symbolic link
 leading out); every file listed and every listed file present with its checksum; then
-config, weights (the safetensors header only), labels, tokenizer and task must agree.
+config, weights (the safetensors header only), labels, tokenizer and task must agree,
+and ONNX graphs (when present) must have the input and output names of their task.
 Any problem is one :class:`BundleError` line naming it; messages name files of the
 bundle only, never a path outside it.
 
@@ -39,7 +44,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -52,6 +58,7 @@ from transformers.utils import logging as hf_logging
 
 from models.classifier import IntentClassifier
 from models.files import atomic_directory, atomic_write_json
+from models.onnx_backend import EXPORT_INFO, GRAPH_FILES, GRAPH_IO, ONNX_DIR, graph_io
 from models.ood import METHODS, OutOfScopeDetector
 from models.summarizer import ExtractiveSummarizer
 
@@ -96,6 +103,8 @@ class Bundle:
     version: str = ""
     # The out-of-scope detector (ood.safetensors); None in bundles saved without one.
     detector: OutOfScopeDetector | None = None
+    # precision ("fp32", "int8") -> ONNX graph in the bundle (see models.onnx_backend)
+    onnx_graphs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -184,13 +193,40 @@ def save_bundle(
         for name, document in documents.items():
             if document is not None:
                 atomic_write_json(tmp / name, document)
-        files = {
-            p.relative_to(tmp).as_posix(): sha256_file(p)
-            for p in sorted(tmp.rglob("*"))
-            if p.is_file() and p.name != MANIFEST
-        }
-        atomic_write_json(tmp / MANIFEST, {"format": BUNDLE_FORMAT, "task": task, "files": files})
+        _write_manifest(tmp, task)
         _check(tmp, task, display=final)
+    return final
+
+
+def _write_manifest(root: Path, task: str) -> None:
+    files = {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
+    }
+    atomic_write_json(root / MANIFEST, {"format": BUNDLE_FORMAT, "task": task, "files": files})
+
+
+def add_onnx_files(
+    directory: str | os.PathLike, write: Callable[[Path], None], *, task: str | None = None
+) -> Path:
+    """Add ONNX files to a bundle atomically: the bundle (verified first) is copied to a
+    temporary directory, ``write(onnx_dir)`` writes into that copy's ``onnx/`` (replacing
+    what was there), the manifest is rewritten, the copy is verified as a whole and
+    renamed over the bundle. On any error the bundle is left as it was."""
+    final = Path(directory)
+    checked = _check(final, task)
+    source = final.resolve()
+    with atomic_directory(final) as tmp:
+        for name in json.loads((source / MANIFEST).read_text(encoding="utf-8"))["files"]:
+            if name.split("/")[0] == ONNX_DIR:
+                continue
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / name, tmp / name)
+        (tmp / ONNX_DIR).mkdir()
+        write(tmp / ONNX_DIR)
+        _write_manifest(tmp, checked.task)
+        _check(tmp, checked.task, display=final)
     return final
 
 
@@ -206,6 +242,7 @@ class _Checked:
     config: Any
     tokenizer: PreTrainedTokenizerBase
     documents: dict[str, Any]
+    onnx_graphs: dict[str, Path] = field(default_factory=dict)
 
 
 def _read_json(path: Path, name: str, display: Path) -> Any:
@@ -495,6 +532,42 @@ def _check_detector(
         )
 
 
+def _check_onnx(root: Path, display: Path, task: str, files: dict) -> dict[str, Path]:
+    """Files under ``onnx/`` are known ones; each graph has its task's input and output
+    names, and ``onnx/export.json`` comes with them. Returns precision -> graph path."""
+    names = {name for name in files if name.split("/")[0] == ONNX_DIR}
+    if not names:
+        return {}
+    known = {*GRAPH_FILES.values(), EXPORT_INFO}
+    unknown = sorted(names - known)
+    if unknown:
+        raise BundleError(
+            f"inconsistent bundle {display}: {unknown[0]} is not a known ONNX file "
+            f"({', '.join(sorted(known))})"
+        )
+    graphs = {p: root / name for p, name in GRAPH_FILES.items() if name in names}
+    if not graphs or EXPORT_INFO not in names:
+        raise BundleError(
+            f"inconsistent bundle {display}: {ONNX_DIR}/ needs a graph and {EXPORT_INFO} together"
+        )
+    if not isinstance(_read_json(root / EXPORT_INFO, EXPORT_INFO, display), dict):
+        raise BundleError(f"corrupt bundle {display}: {EXPORT_INFO} is not a JSON object")
+    expected_inputs, expected_outputs = GRAPH_IO[task]
+    for precision, path in graphs.items():
+        name = GRAPH_FILES[precision]
+        try:
+            inputs, outputs = graph_io(path)
+        except ValueError as exc:
+            raise BundleError(f"corrupt bundle {display}: {name} is {exc}") from None
+        if inputs != list(expected_inputs) or outputs != list(expected_outputs):
+            raise BundleError(
+                f"inconsistent bundle {display}: {name} has inputs {inputs} and outputs "
+                f"{outputs}, a {task!r} graph needs {list(expected_inputs)} and "
+                f"{list(expected_outputs)}"
+            )
+    return graphs
+
+
 def _load_detector(root: Path, calibration: dict[str, Any]) -> OutOfScopeDetector | None:
     settings = calibration.get("ood")
     if settings is None:
@@ -536,7 +609,8 @@ def _check_readable(path: Path, task: str | None, display: Path) -> _Checked:
     documents = _check_documents(root, display, bundle_task, manifest["files"])
     if bundle_task == "intent-classification":
         _check_detector(root, display, config, documents[CALIBRATION], manifest["files"])
-    return _Checked(bundle_task, config_dict, config, tokenizer, documents)
+    graphs = _check_onnx(root, display, bundle_task, manifest["files"])
+    return _Checked(bundle_task, config_dict, config, tokenizer, documents, graphs)
 
 
 def verify_bundle(directory: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
@@ -595,4 +669,5 @@ def load_bundle(
         metrics=checked.documents.get("metrics.json", {}),
         version=sha256_file(root / MANIFEST)[:12],
         detector=None if detector is None else detector.to(device),
+        onnx_graphs=checked.onnx_graphs,
     )

@@ -31,15 +31,21 @@ class Prediction:
 
 
 class IntentPredictor:
-    """Tokenizes, runs the classifier in inference mode and applies the bundle's calibration."""
+    """Tokenizes, runs the classifier in inference mode and applies the bundle's calibration.
 
-    def __init__(self, bundle: Bundle, max_length: int | None = None):
+    ``runner`` replaces the PyTorch model's forward pass (e.g. an
+    :class:`~models.onnx_backend.OnnxClassifier`, same outputs); ``model`` stays the
+    PyTorch model, which explanations that need gradients use.
+    """
+
+    def __init__(self, bundle: Bundle, max_length: int | None = None, *, runner=None):
         if bundle.task != "intent-classification":
             raise ValueError(
                 f"bundle {bundle.path} holds a {bundle.task!r} model, not an intent classifier"
             )
         self.bundle = bundle
         self.model = bundle.model
+        self.runner = bundle.model if runner is None else runner
         self.tokenizer = bundle.tokenizer
         self.labels = bundle.labels
         self.temperature = float(bundle.calibration.get("temperature", 1.0))
@@ -134,7 +140,7 @@ class IntentPredictor:
         """The classifier's output for an :meth:`encode` result (``.logits`` (B, C);
         ``.pooled`` (B, N*H) when the out-of-scope detector reads features; and
         ``.pooling_weights`` (B, N, T) when asked: the free ``attention`` explanation)."""
-        return self.model(
+        return self.runner(
             **self.model_inputs(encoding),
             output_pooling_weights=output_pooling_weights,
             output_pooled=self.needs_features,

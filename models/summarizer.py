@@ -313,17 +313,19 @@ class ExtractiveSummarizer(SupportLensPreTrainedModel):
         graph keeps every slice's activations anyway, so one pass is used (which also
         lets layer hooks, e.g. Captum's, see every chunk in a single call).
         """
-        sliced = not (self.training or torch.is_grad_enabled())
-        step = max(1, self.config.chunks_per_pass) if sliced else input_ids.shape[0]
-        states = []
-        for start in range(0, input_ids.shape[0], step):
-            kwargs = {
-                "input_ids": input_ids[start : start + step],
-                "attention_mask": attention_mask[start : start + step],
-            }
+
+        def encode(rows: slice) -> torch.Tensor:
+            kwargs = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]}
             if token_type_ids is not None:
-                kwargs["token_type_ids"] = token_type_ids[start : start + step]
-            states.append(self.encoder(**kwargs).last_hidden_state)
+                kwargs["token_type_ids"] = token_type_ids[rows]
+            return self.encoder(**kwargs).last_hidden_state  # (C', L, H)
+
+        if self.training or torch.is_grad_enabled():
+            # No loop over the chunk count here: torch.export (the ONNX export) would
+            # specialize the graph to the traced number of chunks.
+            return encode(slice(None))  # (C, L, H)
+        step = max(1, self.config.chunks_per_pass)
+        states = [encode(slice(s, s + step)) for s in range(0, input_ids.shape[0], step)]
         return torch.cat(states, dim=0)  # (C, L, H)
 
     def forward(
@@ -360,7 +362,7 @@ class ExtractiveSummarizer(SupportLensPreTrainedModel):
             )  # (B, U, H)
         padding = ~unit_mask
         # A row with no unit at all would make attention divide by zero (NaN).
-        padding[:, 0] &= unit_mask.any(dim=1)
+        padding[:, 0] = padding[:, 0] & unit_mask.any(dim=1)  # not &=: no ONNX export
         context = self.context(vectors, src_key_padding_mask=padding)  # (B, U, H)
         logits = self.head(self.dropout(context)).squeeze(-1)  # (B, U)
         loss = None

@@ -114,15 +114,21 @@ def select_units(
 
 
 class SummarizerPredictor:
-    """Segments, encodes in overlapping chunks, scores units and builds summaries."""
+    """Segments, encodes in overlapping chunks, scores units and builds summaries.
 
-    def __init__(self, bundle: Bundle, *, max_length: int | None = None):
+    ``runner`` replaces the PyTorch model's forward pass (e.g. an
+    :class:`~models.onnx_backend.OnnxSummarizer`, same outputs); ``gradient_x_input``
+    always runs on the PyTorch model.
+    """
+
+    def __init__(self, bundle: Bundle, *, max_length: int | None = None, runner=None):
         if bundle.task != TASK:
             raise ValueError(
                 f"bundle {bundle.path} holds a {bundle.task!r} model, not a summarizer"
             )
         self.bundle = bundle
         self.model = bundle.model
+        self.runner = bundle.model if runner is None else runner
         self.tokenizer = bundle.tokenizer
         limit = getattr(self.model.encoder.config, "max_position_embeddings", None) or 512
         self.max_length = min(max_length or int(bundle.training.get("max_length", 256)), limit)
@@ -184,7 +190,7 @@ class SummarizerPredictor:
         segmented = self.segment(texts)
         encoded = self.encode(segmented)
         with torch.inference_mode():
-            output = self.model(
+            output = self.runner(
                 **self._inputs(encoded), output_pooling_weights="attention" in explain
             )
         scores = torch.sigmoid(output.logits.float()).cpu()  # (B, U)

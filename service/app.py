@@ -168,14 +168,19 @@ class SupportLensServer(compat.LitServerHooks):
             watcher.cancel()
 
 
-def check_bundle(path: Path, which: str):
+def check_bundle(path: Path, which: str, backend: str = "torch", precision: str = "int8"):
     """Verify a bundle in the main process before any worker starts; load it for the
-    HTTP processes' checks (tokenizer, labels, limits). :class:`ConfigError` on failure."""
+    HTTP processes' checks (tokenizer, labels, limits). With the ``onnx`` backend the
+    bundle must hold its ONNX graph in ``precision``. :class:`ConfigError` on failure."""
+    from models.onnx_backend import OnnxBackendError, require_graph
+
     variable = f"SUPPORTLENS_{which.upper()}_BUNDLE"
     task = TASKS[which]
     try:
         bundle = load_bundle(path, task=task, device="cpu")  # verifies it completely first
-    except BundleError as error:
+        if backend == "onnx":
+            require_graph(bundle, precision)
+    except (BundleError, OnnxBackendError) as error:
         raise ConfigError(f"{variable}: {error}") from None
     return bundle
 
@@ -249,14 +254,14 @@ def build_server(settings: Settings) -> SupportLensServer:
     if intent is not None:
         from models.predictor import IntentPredictor
 
-        bundle = check_bundle(intent, "intent")
+        bundle = check_bundle(intent, "intent", settings.backend, settings.onnx_precision)
         models["classify"] = {"name": bundle.name, "version": bundle.version}
         admissions["classify"] = ClassifyAdmission(IntentPredictor(bundle), settings)
         apis += [ClassifyAPI(settings, intent), ClassifyAPI(settings, intent, expensive=True)]
     if summarizer is not None:
         from models.summary_predictor import SummarizerPredictor
 
-        bundle = check_bundle(summarizer, "summarizer")
+        bundle = check_bundle(summarizer, "summarizer", settings.backend, settings.onnx_precision)
         models["summarize"] = {"name": bundle.name, "version": bundle.version}
         admissions["summarize"] = SummarizeAdmission(SummarizerPredictor(bundle), settings)
         apis.append(SummarizeAPI(settings, summarizer))

@@ -80,9 +80,19 @@ class ClassifyAPI(ls.LitAPI):
         from models.predictor import IntentPredictor
         from service import metrics
 
-        set_worker_threads(self.settings.threads_per_worker(self.workers))
+        threads = self.settings.threads_per_worker(self.workers)
+        set_worker_threads(threads)
         bundle = load_bundle(self.bundle_path, task="intent-classification", device=device)
-        self.predictor = IntentPredictor(bundle)
+        # SUPPORTLENS_BACKEND=onnx: plain predictions and `attention` run on ONNX Runtime
+        # (intra-op threads = this worker's torch threads); the explanation pool stays on
+        # PyTorch, so a request's label and its gradient explanations come from one model.
+        # The PyTorch model is loaded either way (explanations, tokenizer limits).
+        runner = None
+        if self.settings.backend == "onnx" and not self.expensive:
+            from models.onnx_backend import onnx_runner
+
+            runner = onnx_runner(bundle, self.settings.onnx_precision, threads)
+        self.predictor = IntentPredictor(bundle, runner=runner)
         self.explainer = Explainer(
             bundle.model,
             bundle.tokenizer,

@@ -20,6 +20,10 @@ DEFAULT_SUMMARIZER_BUNDLE = "runs/demo-summarizer/bundle"
 DEFAULT_ATTRIBUTION = "occlusion"
 DEVICES = ("auto", "cpu", "cuda")
 LOG_FORMATS = ("text", "json")
+# How the model workers run the forward pass: PyTorch, or ONNX Runtime on the bundle's
+# ONNX graph (``supportlens-export-onnx``) in SUPPORTLENS_ONNX_PRECISION.
+BACKENDS = ("torch", "onnx")
+ONNX_PRECISIONS = ("fp32", "int8")
 MAX_AUTO_WORKERS = 4
 # Explanation methods cheap enough to run inside a plain prediction batch.
 CHEAP_METHODS = frozenset({"attention"})
@@ -52,6 +56,8 @@ class Settings:
     # leave free (a lone request uses every core, as a single process would); off: each
     # worker keeps its share. See Supervisor.threads_for.
     adaptive_threads: bool = True
+    backend: str = "torch"
+    onnx_precision: str = "int8"
     max_batch_size: int = 32
     # Deprecated and ignored: batches now form only while every worker is busy, with no
     # waiting. Still parsed so that deployments that set it keep starting (with a warning).
@@ -153,6 +159,20 @@ class Settings:
             )
         if self.torch_threads < 0:
             raise ConfigError("SUPPORTLENS_TORCH_THREADS must be >= 0 (0 picks one per worker)")
+        if self.backend not in BACKENDS:
+            raise ConfigError(
+                f"SUPPORTLENS_BACKEND must be one of {', '.join(BACKENDS)}, got {self.backend!r}"
+            )
+        if self.onnx_precision not in ONNX_PRECISIONS:
+            raise ConfigError(
+                f"SUPPORTLENS_ONNX_PRECISION must be one of {', '.join(ONNX_PRECISIONS)}, "
+                f"got {self.onnx_precision!r}"
+            )
+        if self.backend == "onnx" and self.device == "cuda":
+            raise ConfigError(
+                "SUPPORTLENS_BACKEND=onnx runs on CPU; use SUPPORTLENS_BACKEND=torch with "
+                "SUPPORTLENS_DEVICE=cuda"
+            )
 
     def bind_host(self) -> str:
         """The address the server's sockets bind to (``localhost`` as IPv4 loopback)."""

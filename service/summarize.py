@@ -56,9 +56,17 @@ class SummarizeAPI(ls.LitAPI):
         from models.summary_predictor import SummarizerPredictor
         from service import metrics
 
-        set_worker_threads(self.settings.threads_per_worker(self.settings.summarize_workers))
+        threads = self.settings.threads_per_worker(self.settings.summarize_workers)
+        set_worker_threads(threads)
         bundle = load_bundle(self.bundle_path, task="extractive-summarization", device=device)
-        self.predictor = SummarizerPredictor(bundle)
+        # SUPPORTLENS_BACKEND=onnx: scoring runs on ONNX Runtime; gradient_x_input on the
+        # PyTorch model, which is loaded either way.
+        runner = None
+        if self.settings.backend == "onnx":
+            from models.onnx_backend import onnx_runner
+
+            runner = onnx_runner(bundle, self.settings.onnx_precision, threads)
+        self.predictor = SummarizerPredictor(bundle, runner=runner)
         self.model_info = {"name": bundle.name, "version": bundle.version}
         self.batch_sizes = metrics.BATCH_SIZE.labels(api=self.api_path)
 

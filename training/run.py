@@ -1,6 +1,11 @@
 """The training run both task scripts share: parse → data → model → Trainer →
 evaluate/calibrate → report → bundle, with resuming that never loses work.
 
+Distributed training: the same CLIs run under ``torchrun`` (DDP through the Trainer;
+gloo on CPU). Every rank trains and evaluates (the final evaluation is sharded over the
+ranks and gathered, so all ranks hold the same metrics); world process zero alone writes
+the report, the resolved config and the bundle while the others wait at a barrier.
+
 A task script (``train_intent``, ``train_summarizer``) subclasses :class:`TrainingTask`
 with only what is its own: its argument dataclasses, data, model, Trainer inputs,
 evaluation and report. :func:`run` is the one ``main()`` they both go through.
@@ -134,8 +139,11 @@ def checkpoint_is_complete(directory: Path, save_only_model: bool = False) -> bo
     return weights and optimizer
 
 
-def last_complete_checkpoint(output_dir: Path, save_only_model: bool = False) -> Path | None:
-    """The highest-step complete checkpoint; incomplete ones are deleted on the way."""
+def last_complete_checkpoint(
+    output_dir: Path, save_only_model: bool = False, delete_incomplete: bool = True
+) -> Path | None:
+    """The highest-step complete checkpoint; incomplete ones are deleted on the way
+    (unless ``delete_incomplete`` is false: ranks other than 0 of a distributed run)."""
     if not output_dir.is_dir():
         return None
     found = sorted(
@@ -147,13 +155,13 @@ def last_complete_checkpoint(output_dir: Path, save_only_model: bool = False) ->
     for _, checkpoint in found:
         if checkpoint_is_complete(checkpoint, save_only_model):
             last = checkpoint
-        else:
+        elif delete_incomplete:
             logger.warning("deleting incomplete checkpoint %s (interrupted write)", checkpoint)
             shutil.rmtree(checkpoint, ignore_errors=True)
     return last
 
 
-def resume_checkpoint(args: RunArguments) -> str | None:
+def resume_checkpoint(args: RunArguments, delete_incomplete: bool = True) -> str | None:
     """The checkpoint this run continues from: ``--resume_from_checkpoint`` (must be
     complete), else with ``--resume`` the last complete one in ``output_dir``, else None."""
     if args.resume_from_checkpoint:
@@ -167,7 +175,9 @@ def resume_checkpoint(args: RunArguments) -> str | None:
         return str(explicit)
     if not args.resume:
         return None
-    checkpoint = last_complete_checkpoint(Path(args.output_dir), args.save_only_model)
+    checkpoint = last_complete_checkpoint(
+        Path(args.output_dir), args.save_only_model, delete_incomplete
+    )
     if checkpoint is None:
         logger.info("--resume: no complete checkpoint in %s, starting afresh", args.output_dir)
         return None
@@ -257,8 +267,12 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
     set_seed(args.seed)
-    remove_stale_temporaries(output_dir / "bundle")  # what a killed bundle write left
-    checkpoint = resume_checkpoint(args)
+    # Under torchrun every rank runs this function. Rank 0 clears what interrupted writes
+    # left (a killed bundle write, incomplete checkpoints) before the others look.
+    with args.main_process_first(local=False, desc="clearing interrupted writes"):
+        if args.process_index == 0:
+            remove_stale_temporaries(output_dir / "bundle")
+        checkpoint = resume_checkpoint(args, delete_incomplete=args.process_index == 0)
 
     # Data and model
     task.load_data()
@@ -280,7 +294,8 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
     trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.perf_counter() - train_started
 
-    # Evaluation, report, bundle
+    # Evaluation (every rank, on its shard, gathered: all ranks hold the same figures),
+    # then the report and the bundle, written by world process zero alone.
     evaluation = task.evaluate(trainer)
     wall_time = time.perf_counter() - started
     training_info = {
@@ -295,6 +310,7 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
         "best_checkpoint": trainer.state.best_model_checkpoint,
         "resumed_from": checkpoint,
         "device": str(args.device),
+        "world_size": args.world_size,
         "bf16": args.bf16,
         "train_time_s": round(train_time, 1),
         "wall_time_s": round(wall_time, 1),
@@ -307,26 +323,30 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
         "metrics": evaluation.metrics,
         "training": training_info,
     }
-    task.write_report(report, output_dir)
-    resolved = resolved_config(data_args, model_args, args)
-    resolved["resume"] = False  # feeding the file back as a recipe should start a fresh run
-    resolved["resume_from_checkpoint"] = None
-    write_yaml(output_dir / "resolved_config.yaml", resolved)
-    bundle = save_bundle(
-        output_dir / "bundle",
-        trainer.model,
-        tokenizer,
-        task=task.task,
-        labels=evaluation.labels,
-        calibration=evaluation.calibration,
-        training=training_info,
-        metrics=evaluation.metrics
-        if evaluation.bundle_metrics is None
-        else evaluation.bundle_metrics,
-        extra_files={"resolved_config.json": resolved},
-        detector=evaluation.detector,
-    )
-    logger.info("%s: bundle at %s", task.task, bundle)
+    bundle = output_dir / "bundle"
+    if trainer.is_world_process_zero():
+        task.write_report(report, output_dir)
+        resolved = resolved_config(data_args, model_args, args)
+        resolved["resume"] = False  # feeding the file back as a recipe should start a fresh run
+        resolved["resume_from_checkpoint"] = None
+        write_yaml(output_dir / "resolved_config.yaml", resolved)
+        save_bundle(
+            bundle,
+            trainer.model,
+            tokenizer,
+            task=task.task,
+            labels=evaluation.labels,
+            calibration=evaluation.calibration,
+            training=training_info,
+            metrics=evaluation.metrics
+            if evaluation.bundle_metrics is None
+            else evaluation.bundle_metrics,
+            extra_files={"resolved_config.json": resolved},
+            detector=evaluation.detector,
+        )
+        logger.info("%s: bundle at %s", task.task, bundle)
+    # The other ranks return once the bundle is in place (a barrier; no-op in one process).
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(
         bundle=bundle,
         report=report,

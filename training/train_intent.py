@@ -123,9 +123,17 @@ def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
 
 def logits_and_features(trainer: Trainer, dataset) -> tuple[np.ndarray, np.ndarray]:
     """Logits (N, C) and pooled features (N, D) of a tokenized split, in order, in one pass
-    (Trainer's ``predict`` would return only what the model returns by default)."""
+    (Trainer's ``predict`` would return only what the model returns by default).
+
+    Under torchrun each rank computes a contiguous shard and the shards are gathered in
+    rank order, so every rank returns the whole split."""
     model = trainer.model.eval()
     device = next(model.parameters()).device
+    world = trainer.args.world_size
+    if world > 1 and len(dataset) >= world:
+        dataset = dataset.shard(num_shards=world, index=trainer.args.process_index, contiguous=True)
+    else:
+        world = 1
     # In order: Trainer's own evaluation loader groups by length (a shuffled order) when
     # train_sampling_strategy is group_by_length, which would misalign the dataset's labels.
     loader = DataLoader(
@@ -139,9 +147,28 @@ def logits_and_features(trainer: Trainer, dataset) -> tuple[np.ndarray, np.ndarr
         for batch in loader:
             inputs = {k: v.to(device) for k, v in batch.items() if k in MODEL_INPUTS}
             output = model(**inputs, output_pooled=True)
-            logits.append(output.logits.float().cpu())
-            features.append(output.pooled.float().cpu())
-    return torch.cat(logits).numpy(), torch.cat(features).numpy()
+            logits.append(output.logits.float())
+            features.append(output.pooled.float())
+    logits_t, features_t = torch.cat(logits), torch.cat(features)  # (n, C), (n, D)
+    if world > 1:
+        logits_t, features_t = gather_rows(logits_t, world), gather_rows(features_t, world)
+    return logits_t.cpu().numpy(), features_t.cpu().numpy()
+
+
+def gather_rows(rows: torch.Tensor, world: int) -> torch.Tensor:
+    """Every rank's rows (n_r, D), concatenated in rank order on every rank; shards may
+    differ in length by one, so they are padded for ``all_gather`` and cut back."""
+    import torch.distributed as dist
+
+    size = torch.tensor([rows.shape[0]], device=rows.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = rows.new_zeros((longest, *rows.shape[1:]))  # (n_max, D)
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(s.item())] for part, s in zip(parts, sizes, strict=True)])
 
 
 def _finite(value: float) -> float | None:

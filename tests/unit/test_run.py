@@ -65,3 +65,42 @@ def test_resume_from_checkpoint_is_honoured_or_refused(tmp_path):
     args = RunArguments(output_dir=str(tmp_path / "run"), resume_from_checkpoint=str(bad))
     with pytest.raises(RecipeError, match="not a complete Trainer checkpoint"):
         resume_checkpoint(args)
+
+
+# -- distributed runs: one writer --------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "training" / "demo"
+
+
+def test_run_on_a_rank_other_than_zero_writes_no_report_and_no_bundle(
+    tmp_path, tiny_backbone, monkeypatch
+):
+    """Under torchrun every rank runs ``run``; only world process zero may write."""
+    from transformers import Trainer
+
+    from training.train_intent import train
+
+    monkeypatch.setattr(Trainer, "is_world_process_zero", lambda self: False)
+    output_dir = tmp_path / "run"
+    result = train(
+        [
+            str(REPO / "training" / "recipes" / "intent" / "demo.yaml"),
+            "--train_file", str(DEMO / "intents.csv"),
+            "--test_file", str(DEMO / "intents_test.csv"),
+            "--backbone", str(tiny_backbone),
+            "--output_dir", str(output_dir),
+            "--max_length", "16",
+            "--max_steps", "2",
+            "--per_device_train_batch_size", "32",
+            "--eval_strategy", "no",
+            "--save_strategy", "no",
+            "--load_best_model_at_end", "false",
+        ]
+    )  # fmt: skip
+    assert not (output_dir / "bundle").exists()
+    assert not (output_dir / "report").exists()
+    assert not (output_dir / "resolved_config.yaml").exists()
+    # The rank still returns what it computed, with the bundle's path.
+    assert result.bundle == output_dir / "bundle"
+    assert 0.0 <= result.report["metrics"]["accuracy"] <= 1.0

@@ -104,3 +104,32 @@ def test_settings_key_and_key_file_together_are_refused(tmp_path):
 def test_settings_new_limits_are_validated(variable, value, message):
     with pytest.raises(ConfigError, match=message):
         Settings.from_env({variable: value})
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"SUPPORTLENS_BACKEND": "tensorrt"}, "SUPPORTLENS_BACKEND must be one of torch, onnx"),
+        (
+            {"SUPPORTLENS_BACKEND": "onnx", "SUPPORTLENS_ONNX_PRECISION": "int4"},
+            "SUPPORTLENS_ONNX_PRECISION must be one of fp32, int8, got 'int4'",
+        ),
+        (
+            {"SUPPORTLENS_BACKEND": "onnx", "SUPPORTLENS_DEVICE": "cuda"},
+            "SUPPORTLENS_BACKEND=onnx runs on CPU",
+        ),
+    ],
+)
+def test_settings_backend_is_validated(environ, message):
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(environ)
+
+
+def test_settings_backend_is_read_once_and_frozen():
+    settings = Settings.from_env(
+        {"SUPPORTLENS_BACKEND": "onnx", "SUPPORTLENS_ONNX_PRECISION": "fp32"}
+    )
+    assert (settings.backend, settings.onnx_precision) == ("onnx", "fp32")
+    assert Settings().backend == "torch"
+    with pytest.raises(AttributeError):
+        settings.backend = "torch"
