@@ -100,6 +100,19 @@ def train_once(args, processes: int, output_dir: Path, files: tuple[Path, Path])
     }
 
 
+def recorded(argv) -> list[str]:
+    """The arguments that change what is measured (not ``--note`` / ``--out``)."""
+    given, kept, skip = list(argv if argv is not None else sys.argv[1:]), [], False
+    for arg in given:
+        if skip:
+            skip = False
+        elif arg in ("--note", "--out"):
+            skip = True
+        elif not arg.startswith(("--note=", "--out=")):
+            kept.append(arg)
+    return kept
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     data = Path(args.data)
@@ -107,7 +120,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"training benchmark: no BANKING77 train.csv in {data} (use --data)")
     run: dict = {
         "machine": machine(),
-        "command": " ".join(["python benchmarks/training.py", *(argv or sys.argv[1:])]),
+        "command": " ".join(["python benchmarks/training.py", *recorded(argv)]),
         "steps": args.steps,
         "batch_per_process": args.batch,
         "rounds": args.rounds,
