@@ -167,7 +167,7 @@ def render_markdown(results: dict) -> str:
             f"{describe_training(run['training'])}.",
             f"- training time: {run['train_time_s']['mean']:.0f} s per fold on average "
             f"({run['train_time_s']['min']:.0f}–{run['train_time_s']['max']:.0f} s); whole run "
-            f"{run['wall_time_s'] / 60:.0f} min; inference {run['summaries_per_s']:.1f} "
+            f"{run['wall_time_s'] / 60:.0f} min summed over folds; inference {run['summaries_per_s']:.1f} "
             f"summaries/s (batches of {run['inference_batch_size']}, segmentation and selection "
             "included).",
             f"- whole file, same code: LEAD-3 {'/'.join(str(v) for v in run['whole_file']['lead3'].values())}, "
