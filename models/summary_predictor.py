@@ -5,13 +5,21 @@ Selection takes units by score under a budget (``max_sentences`` units, or a
 an already chosen one (trigram blocking, as in BertSumExt), and keeps the original
 order. Units without any letter or digit (``"..."``, ``"!!!"``) are scored and
 listed but only chosen when nothing else is left.
+
+A bundle may also record a :class:`Selection` (``training.json`` → ``selection``),
+chosen on validation when it was trained: a word budget that grows with the
+conversation's length (a line fitted to the training references' lengths), and a
+redundancy penalty (maximal marginal relevance over the units' word counts). The unit
+budget stays a cap. Bundles without it select as before.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -81,35 +89,114 @@ def _trigrams(text: str) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
 
 
+def count_words(text: str) -> int:
+    """Words as the selection counts them (runs of letters, digits and ``_``)."""
+    return len(_WORD.findall(text))
+
+
+def word_overlap(a: str, b: str) -> float:
+    """Cosine similarity of two texts' lower-cased word counts, in [0, 1]."""
+    x, y = Counter(_WORD.findall(a.lower())), Counter(_WORD.findall(b.lower()))
+    if not x or not y:
+        return 0.0
+    dot = sum(count * y[word] for word, count in x.items())
+    return dot / math.sqrt(sum(v * v for v in x.values()) * sum(v * v for v in y.values()))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How a bundle's summaries are selected beyond the unit budget (see the module doc).
+
+    ``length_slope``/``length_intercept``: the expected summary length in words for a
+    conversation of ``w`` words is ``length_slope * w + length_intercept``; units are
+    taken until ``length_scale`` times that many words are reached (the unit that
+    reaches it is kept). No slope: no word budget. ``redundancy``: each candidate's
+    score is lowered by ``redundancy`` times its largest :func:`word_overlap` with a
+    unit already chosen. ``max_units``: the unit cap when a request names none. The
+    default is the selection of bundles that record none (three units by score).
+    """
+
+    max_units: int = 3
+    length_slope: float | None = None
+    length_intercept: float = 0.0
+    length_scale: float = 1.0
+    redundancy: float = 0.0
+
+    @classmethod
+    def from_dict(cls, values: Mapping | None) -> Selection:
+        """From a bundle's ``training.json`` entry; None gives the default."""
+        if not values:
+            return cls()
+        known = {k: values[k] for k in cls.__dataclass_fields__ if k in values}
+        selection = cls(**known)
+        if (
+            selection.redundancy < 0
+            or selection.length_scale <= 0
+            or isinstance(selection.max_units, bool)
+            or not isinstance(selection.max_units, int)
+            or selection.max_units < 1
+        ):
+            raise ValueError(f"invalid summary selection {dict(values)!r}")
+        return selection
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def word_budget(self, conversation_words: int) -> float | None:
+        """Words a summary of a conversation of ``conversation_words`` words may reach."""
+        if self.length_slope is None:
+            return None
+        expected = self.length_slope * conversation_words + self.length_intercept
+        return self.length_scale * max(1.0, expected)
+
+
 def select_units(
     scores: Sequence[float],
     texts: Sequence[str],
     budget: int,
     *,
     trigram_blocking: bool = True,
+    word_budget: float | None = None,
+    redundancy: float = 0.0,
 ) -> list[int]:
     """Indices (ascending) of up to ``budget`` units chosen by descending score.
 
     A unit sharing a word trigram with a chosen unit is skipped when
     ``trigram_blocking``; units with no word characters are only taken when no unit
-    with words remains. At least one unit is chosen whenever there is one.
+    with words remains. At least one unit is chosen whenever there is one. With
+    ``word_budget``, selection stops once the chosen units hold that many words (the
+    unit that reaches it is kept); with ``redundancy`` > 0, the next unit is the one
+    with the best score minus ``redundancy`` × its largest :func:`word_overlap` with a
+    chosen unit (maximal marginal relevance).
     """
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     wordy = [i for i in order if _WORD.search(texts[i])]
-    wordy_set = set(wordy)
-    candidates = wordy + [i for i in order if i not in wordy_set]
+    # Units without words only when no unit has any (then every unit is such a unit).
+    pool = wordy or order
     chosen: list[int] = []
     seen: set[tuple[str, ...]] = set()
-    for i in candidates:
-        if len(chosen) >= budget:
-            break
-        if chosen and not _WORD.search(texts[i]) and wordy:
-            break
+    words = 0
+    while pool and len(chosen) < budget:
+        if redundancy and chosen:
+            position = max(
+                range(len(pool)),
+                key=lambda p: (
+                    scores[pool[p]]
+                    - redundancy * max(word_overlap(texts[pool[p]], texts[j]) for j in chosen),
+                    -p,
+                ),
+            )
+        else:
+            position = 0
+        i = pool.pop(position)
         grams = _trigrams(texts[i])
         if trigram_blocking and grams & seen:
             continue
         chosen.append(i)
         seen |= grams
+        words += count_words(texts[i])
+        if word_budget is not None and words >= word_budget:
+            break
     return sorted(chosen)
 
 
@@ -137,6 +224,8 @@ class SummarizerPredictor:
         )
         # Inference splits conversations into the units the model was trained on.
         self.units = str(bundle.training.get("units", "turns"))
+        # The selection chosen on validation at training time (none recorded: the default).
+        self.selection = Selection.from_dict(bundle.training.get("selection"))
 
     @property
     def device(self) -> torch.device:
@@ -170,11 +259,15 @@ class SummarizerPredictor:
         self,
         texts: list[str],
         *,
-        max_sentences: int = 3,
+        max_sentences: int | None = None,
         ratio: float | None = None,
         explain: Sequence[str] = (),
     ) -> list[SummaryResult]:
         """Summarize each text; ``explain`` may name ``"attention"`` and ``"gradient_x_input"``.
+
+        ``max_sentences`` (or ``ratio``) caps the units of a summary; None takes the
+        bundle's :class:`Selection` cap (3 for bundles that record no selection). The
+        bundle's word budget and redundancy penalty apply under any cap.
 
         ``explanations`` always has ``"unit_scores"``; each requested method adds
         ``{"units": [{"unit": i, "words": [{"text", "start", "end", "score"}]}]}``.
@@ -186,6 +279,8 @@ class SummarizerPredictor:
             )
         if not texts:
             return []
+        if max_sentences is None:
+            max_sentences = self.selection.max_units
         budget_size(1, max_sentences, ratio)  # validates the budget before any work
         segmented = self.segment(texts)
         encoded = self.encode(segmented)
@@ -203,9 +298,7 @@ class SummarizerPredictor:
         selections = []
         for b, units in enumerate(segmented):
             unit_scores = scores[b, : len(units)].tolist()
-            chosen = select_units(
-                unit_scores, [u.text for u in units], budget_size(len(units), max_sentences, ratio)
-            )
+            chosen = self.select(units, unit_scores, max_sentences=max_sentences, ratio=ratio)
             selections.append(chosen)
             selected = set(chosen)
             results.append(
@@ -239,6 +332,29 @@ class SummarizerPredictor:
                     texts[b], encoded.token_offsets[b], attributions[b]
                 )
         return results
+
+    def select(
+        self,
+        units: Sequence[Unit],
+        scores: Sequence[float],
+        *,
+        max_sentences: int | None = None,
+        ratio: float | None = None,
+        selection: Selection | None = None,
+    ) -> list[int]:
+        """Indices of the units a summary keeps: the unit budget (``max_sentences`` or
+        ``ratio``; None: the selection's cap) as a cap, then the bundle's
+        :class:`Selection` (or ``selection``) for the word budget and redundancy."""
+        selection = self.selection if selection is None else selection
+        texts = [u.text for u in units]
+        cap = selection.max_units if max_sentences is None else max_sentences
+        return select_units(
+            scores,
+            texts,
+            budget_size(len(units), cap, ratio),
+            word_budget=selection.word_budget(sum(count_words(t) for t in texts)),
+            redundancy=selection.redundancy,
+        )
 
     @staticmethod
     def _word_explanations(

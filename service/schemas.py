@@ -137,7 +137,12 @@ class ClassifyRequest(_TextsRequest):
 class SummarizeRequest(_TextsRequest):
     """``POST /v1/summarize``: one conversation per text."""
 
-    max_sentences: StrictInt = Field(3, ge=1, le=50, description="Sentences kept per summary.")
+    max_sentences: StrictInt | None = Field(
+        None,
+        ge=1,
+        le=50,
+        description="Most units kept per summary; omitted: the summarizer bundle's own choice.",
+    )
     explain: list[SummarizeMethod] = Field(
         default_factory=list,
         description="'occlusion': how each selected sentence's score depends on each word and "

@@ -24,7 +24,7 @@ from service.worker import EXPIRED, SupervisedLoop
 @dataclass
 class SummarizeItem:
     texts: list[str]
-    max_sentences: int
+    max_sentences: int | None  # None: the bundle's recorded selection decides
     explain: list[str]
     deadline: float = float("inf")
     faithfulness: bool = False

@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("texts", nargs="*", help="conversations or tickets to summarize")
     parser.add_argument("--file", type=Path, help=".jsonl (one per line) or a text file (one text)")
     parser.add_argument("--text_column", default="text", help="field of a .jsonl file")
-    parser.add_argument("--max_sentences", type=int, default=3, help="units per summary")
+    parser.add_argument(
+        "--max_sentences", type=int, help="units per summary at most (default: the bundle's choice)"
+    )
     parser.add_argument("--ratio", type=float, help="share of the units instead of a count")
     parser.add_argument("--explain", nargs="*", default=[], choices=EXPLANATION_METHODS)
     parser.add_argument("--max_length", type=int, help="tokens per encoder chunk")

@@ -42,7 +42,7 @@ from models.backbone import DEFAULT_BACKBONE
 from models.files import atomic_write_text
 from models.segmentation import UNIT_KINDS
 from models.summarizer import ExtractiveSummarizer, SummarizerConfig, encode_conversations
-from models.summary_predictor import budget_size, join_units, select_units
+from models.summary_predictor import Selection, budget_size, count_words, join_units, select_units
 from training.data import DataError
 from training.recipe import RecipeError
 from training.run import Evaluation, RunArguments, TrainingTask, TrainResult, run, run_cli
@@ -91,6 +91,14 @@ class DataArguments:
     chunk_overlap: int = field(default=64, metadata={"help": "Tokens shared by adjacent chunks."})
     max_sentences: int = field(
         default=3, metadata={"help": "Units per summary when evaluating (validation and test)."}
+    )
+    choose_selection: bool = field(
+        default=True,
+        metadata={
+            "help": "After training, choose on validation a word budget (a line fitted to the "
+            "training references' lengths, times a scale) and a redundancy penalty for "
+            "selection, and record the choice in the bundle; false keeps the plain unit budget."
+        },
     )
     targets: str = field(
         default="oracle",
@@ -175,19 +183,86 @@ class ConversationCollator:
 
 
 def predicted_summaries(
-    logits: np.ndarray, dataset: datasets.Dataset, max_sentences: int
+    logits: np.ndarray,
+    dataset: datasets.Dataset,
+    max_sentences: int | None,
+    selection: Selection | None = None,
 ) -> list[str]:
-    """Summaries the predictor would output for ``dataset`` from Trainer's padded logits."""
+    """Summaries the predictor would output for ``dataset`` from Trainer's padded logits
+    (``max_sentences`` None: the selection's own cap)."""
+    selection = selection or Selection()
+    cap = selection.max_units if max_sentences is None else max_sentences
     summaries = []
     for row, texts, speakers in zip(
         logits, dataset["unit_texts"], dataset["unit_speakers"], strict=True
     ):
         units = units_from_columns(texts, speakers)
         chosen = select_units(
-            row[: len(units)].tolist(), texts, budget_size(len(units), max_sentences)
+            row[: len(units)].tolist(),
+            texts,
+            budget_size(len(units), cap),
+            word_budget=selection.word_budget(sum(count_words(t) for t in texts)),
+            redundancy=selection.redundancy,
         )
         summaries.append(join_units([units[i] for i in chosen]))
     return summaries
+
+
+# The selections tried on validation: unit caps, word-budget scales (times the fitted
+# length) and redundancy penalties; the recipe's plain unit budget is the first candidate
+# and wins ties.
+SELECTION_CAPS = (3, 5)
+SELECTION_SCALES = (1.0, 1.2, 1.5, 1.8)
+SELECTION_REDUNDANCIES = (0.0, 0.3)
+
+
+def fit_summary_length(dataset: datasets.Dataset) -> tuple[float, float]:
+    """Least-squares line ``reference words ≈ slope × conversation words + intercept``."""
+    x = np.array([sum(count_words(t) for t in texts) for texts in dataset["unit_texts"]], float)
+    y = np.array([count_words(summary) for summary in dataset["summary"]], float)
+    if len(x) < 2 or np.ptp(x) == 0:
+        return 0.0, float(y.mean())  # no spread to fit a slope: the mean length
+    slope, intercept = np.polyfit(x, y, 1)
+    return round(float(slope), 4), round(float(intercept), 2)
+
+
+def selection_candidates(max_units: int, slope: float, intercept: float) -> list[Selection]:
+    """The plain ``max_units`` budget first, then every cap × scale × redundancy."""
+    candidates = [Selection(max_units=max_units)]
+    candidates += [
+        Selection(max_units=max_units, redundancy=r) for r in SELECTION_REDUNDANCIES if r
+    ]
+    candidates += [
+        Selection(
+            max_units=cap,
+            length_slope=slope,
+            length_intercept=intercept,
+            length_scale=c,
+            redundancy=r,
+        )
+        for cap in SELECTION_CAPS
+        for c in SELECTION_SCALES
+        for r in SELECTION_REDUNDANCIES
+    ]
+    return candidates
+
+
+def choose_selection(
+    logits: np.ndarray,
+    validation: datasets.Dataset,
+    train: datasets.Dataset,
+    max_sentences: int,
+) -> tuple[Selection, list[dict]]:
+    """The candidate selection with the best validation ROUGE-1 (then ROUGE-2), and all scores."""
+    slope, intercept = fit_summary_length(train)
+    scored = []
+    for candidate in selection_candidates(max_sentences, slope, intercept):
+        summaries = predicted_summaries(logits, validation, None, candidate)
+        scored.append(
+            {"selection": candidate.to_dict(), **rouge_f1(summaries, validation["summary"])}
+        )
+    best = max(range(len(scored)), key=lambda i: (scored[i]["rouge1"], scored[i]["rouge2"], -i))
+    return Selection.from_dict(scored[best]["selection"]), scored
 
 
 def rouge_metrics(dataset: datasets.Dataset, max_sentences: int):
@@ -314,13 +389,26 @@ class SummarizerTask(TrainingTask):
         evaluated = self.splits[split]
         # compute_metrics is bound to the validation split; the test split is scored here.
         trainer.compute_metrics = None
+        self.selection, tried = Selection(max_units=d.max_sentences), []
+        if d.choose_selection:
+            validation = self.splits["validation"]
+            self.selection, tried = choose_selection(
+                trainer.predict(validation).predictions,
+                validation,
+                self.splits["train"],
+                d.max_sentences,
+            )
+            logger.info("selection chosen on validation: %s", self.selection.to_dict())
         logits = trainer.predict(evaluated).predictions
         metrics = {
             "split": split,
             "conversations": len(evaluated),
             "max_sentences": d.max_sentences,
+            "selection": self.selection.to_dict(),
+            "validation_selections": tried,
             "model": rouge_f1(
-                predicted_summaries(logits, evaluated, d.max_sentences), evaluated["summary"]
+                predicted_summaries(logits, evaluated, None, self.selection),
+                evaluated["summary"],
             ),
             "lead3": rouge_f1(lead_summaries(evaluated, 3), evaluated["summary"]),
             "oracle": rouge_f1(oracle_summaries(evaluated, d.oracle_units), evaluated["summary"]),
@@ -340,6 +428,7 @@ class SummarizerTask(TrainingTask):
             "chunk_overlap": d.chunk_overlap,
             "units": d.units,
             "max_sentences": d.max_sentences,
+            "selection": self.selection.to_dict(),
             "oracle_units": d.oracle_units,
             "targets": d.targets,
             "loss": m.loss,

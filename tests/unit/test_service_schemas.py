@@ -31,3 +31,10 @@ def test_schemas_refuse_invalid_text_naming_field_and_index(model, text, words):
 def test_schemas_keep_tabs_newlines_and_non_ascii():
     text = "Kunde:\tMeine Karte ist weg 😟\r\nAgent: Ich sperre sie."
     assert ClassifyRequest(text=text).texts == [text]
+
+
+def test_summarize_request_leaves_the_unit_cap_to_the_bundle_unless_given():
+    assert SummarizeRequest(texts=["Customer: hi"]).max_sentences is None
+    assert SummarizeRequest(texts=["Customer: hi"], max_sentences=2).max_sentences == 2
+    with pytest.raises(ValueError, match="max_sentences"):
+        SummarizeRequest(texts=["Customer: hi"], max_sentences=0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -18,15 +19,17 @@ from models.summarizer import (
     relative_position_features,
 )
 from models.summary_predictor import (
+    Selection,
     SummarizationError,
     SummarizerPredictor,
     budget_size,
     select_units,
+    word_overlap,
 )
 from training.data import DataError
 from training.recipe import RecipeError
 from training.summarization_data import greedy_oracle, label_units, rouge_f1, unit_rouge
-from training.train_summarizer import freeze_encoder
+from training.train_summarizer import choose_selection, fit_summary_length, freeze_encoder
 
 pytestmark = pytest.mark.unit
 
@@ -236,6 +239,39 @@ def test_select_units_prefers_units_with_words():
     assert select_units([0.9], ["..."], 3) == [0]
 
 
+def test_select_units_stops_once_the_word_budget_is_reached():
+    texts = ["one two three", "four five six seven", "eight", "nine ten"]
+    scores = [0.9, 0.8, 0.7, 0.6]
+    assert select_units(scores, texts, 10) == [0, 1, 2, 3]
+    # 3 words, then 7 >= 5: the unit that reaches the budget is kept, nothing after it.
+    assert select_units(scores, texts, 10, word_budget=5) == [0, 1]
+    assert select_units(scores, texts, 10, word_budget=3) == [0]
+    # The unit budget stays a cap under a large word budget.
+    assert select_units(scores, texts, 2, word_budget=100) == [0, 1]
+
+
+def test_select_units_redundancy_penalty_skips_a_near_repeat():
+    texts = ["card refund fee", "fee card refund today", "parcel arrives tomorrow"]
+    scores = [0.9, 0.8, 0.7]
+    assert word_overlap(texts[0], texts[1]) == pytest.approx(3 / math.sqrt(12))
+    assert select_units(scores, texts, 2) == [0, 1]  # no shared trigram: not blocked
+    assert select_units(scores, texts, 2, redundancy=0.5) == [0, 2]
+    assert select_units(scores, texts, 2, redundancy=0.1) == [0, 1]
+
+
+def test_selection_default_is_the_plain_three_unit_budget_and_bad_values_are_refused():
+    assert Selection.from_dict(None) == Selection() == Selection.from_dict({})
+    assert Selection().word_budget(500) is None
+    recorded = Selection.from_dict(
+        {"max_units": 5, "length_slope": 0.1, "length_intercept": 4.0, "length_scale": 1.5}
+    )
+    assert recorded.word_budget(100) == pytest.approx(1.5 * (0.1 * 100 + 4.0))
+    assert Selection.from_dict(recorded.to_dict()) == recorded
+    for bad in ({"max_units": 0}, {"redundancy": -1.0}, {"length_scale": 0.0}):
+        with pytest.raises(ValueError, match="selection"):
+            Selection.from_dict(bad)
+
+
 def test_budget_size_from_count_or_ratio():
     assert budget_size(10, 3) == 3
     assert budget_size(2, 3) == 2
@@ -425,6 +461,68 @@ def test_predictor_segments_into_the_units_its_bundle_was_trained_on(tiny, tmp_p
     assert len(result.sentences) == 4
     selected = [s for s in result.sentences if s["selected"]]
     assert result.summary == "\n".join(f"{s['speaker']}: {s['text']}" for s in selected)
+
+
+def test_predictor_selects_with_the_selection_its_bundle_records(tiny, tmp_path):
+    model, tokenizer = tiny
+    text = "\n".join(f"Customer: Sentence {i} about parcel {i * 7}." for i in range(8))
+
+    def bundle(name, training):
+        path = save_bundle(
+            tmp_path / name,
+            model,
+            tokenizer,
+            task=TASK,
+            training={"max_length": 48, "chunk_overlap": 8, **training},
+        )
+        return SummarizerPredictor(load_bundle(path, task=TASK))
+
+    def selected(predictor, **kwargs):
+        [result] = predictor.summarize([text], **kwargs)
+        return sum(s["selected"] for s in result.sentences)
+
+    # A bundle without a recorded selection keeps the previous default of three units.
+    assert selected(bundle("old", {})) == 3
+    capped = bundle("capped", {"selection": {"max_units": 5}})
+    assert selected(capped) == 5
+    assert selected(capped, max_sentences=2) == 2  # an explicit cap wins
+    # A word budget of 1.0 x (0 x words + 4) words: the first 5-word unit reaches it.
+    budgeted = bundle(
+        "budgeted", {"selection": {"max_units": 5, "length_slope": 0.0, "length_intercept": 4.0}}
+    )
+    assert selected(budgeted) == 1
+
+
+def test_fit_summary_length_recovers_a_linear_relation():
+    data = Dataset.from_dict(
+        {
+            "unit_texts": [["w " * n] for n in (10, 20, 40)],
+            "summary": ["s " * (2 + n // 10) for n in (10, 20, 40)],
+        }
+    )
+    slope, intercept = fit_summary_length(data)
+    assert slope == pytest.approx(0.1) and intercept == pytest.approx(2.0)
+
+
+def test_choose_selection_prefers_a_word_budget_when_references_are_one_unit_long():
+    units = [
+        "the parcel was lost in transit",
+        "we will refund the order",
+        "thanks a lot",
+        "bye now",
+    ]
+    rows = {
+        "unit_texts": [units] * 4,
+        "unit_speakers": [[None] * 4] * 4,
+        "summary": ["the parcel was lost in transit"] * 4,
+    }
+    validation = Dataset.from_dict(rows)
+    logits = np.array([[3.0, 2.0, 1.0, 0.0]] * 4)
+    chosen, tried = choose_selection(logits, validation, validation, max_sentences=3)
+    assert tried[0]["selection"] == Selection(max_units=3).to_dict()  # plain budget first
+    assert chosen.length_slope is not None
+    best = max(t["rouge1"] for t in tried)
+    assert best == 100.0 and tried[0]["rouge1"] < best
 
 
 def test_label_units_uses_explicit_labels_and_checks_them():
