@@ -52,10 +52,11 @@ class Settings:
     summarize_workers: int = 1
     api_servers: int = 1
     torch_threads: int = 0
-    # On CPU, a batch that starts while other workers are idle runs with the cores they
-    # leave free (a lone request uses every core, as a single process would); off: each
-    # worker keeps its share. See Supervisor.threads_for.
-    adaptive_threads: bool = True
+    # On: on CPU, a batch that starts while other workers are idle runs with the cores
+    # they leave free (a lone request uses every core, as a single process would). Off
+    # (the default): each worker keeps its share; benchmarks/results/threads.md found no
+    # gain with sleeping OpenMP threads. See Supervisor.threads_for.
+    adaptive_threads: bool = False
     backend: str = "torch"
     onnx_precision: str = "int8"
     max_batch_size: int = 32

@@ -161,11 +161,13 @@ def bundle_env(bundles: tuple[Path, Path]) -> dict[str, str]:
 API_KEY = "test-key-0123456789"
 # The main test server: an API key, small limits (so 413/429/504 are quick to
 # provoke), two HTTP processes (so metrics and limits must be shared) and two
-# single-threaded classify workers (so a lone request may borrow the idle one's core).
+# single-threaded classify workers with adaptive threads (so a lone request borrows
+# the idle one's core).
 SERVER_ENV = {
     "SUPPORTLENS_API_KEY": API_KEY,
     "SUPPORTLENS_API_SERVERS": "2",
     "SUPPORTLENS_WORKERS": "2",
+    "SUPPORTLENS_ADAPTIVE_THREADS": "1",
     "SUPPORTLENS_MAX_TEXTS": "8",
     "SUPPORTLENS_MAX_BODY_BYTES": "20000",
     "SUPPORTLENS_MAX_IN_FLIGHT": "4",
