@@ -67,6 +67,7 @@ def test_shared_slots_are_bounded_and_released(dispatcher):
 
 
 def threads_supervisor(workers: int = 2, **settings) -> tuple[Supervisor, list]:
+    settings.setdefault("adaptive_threads", True)
     config = Settings(
         device=settings.pop("device", "cpu"), workers=workers, torch_threads=1, **settings
     )
@@ -116,3 +117,10 @@ def test_dispatcher_gives_work_to_the_idle_worker_of_lowest_rank(dispatcher):
     for thread in threads:
         thread.join()
     assert taken == {0: ["a"], 1: []}
+
+
+def test_supervisor_keeps_each_share_by_default():
+    config = Settings(device="cpu", workers=2, torch_threads=1)
+    supervisor = Supervisor(None, SharedState({"/v1/classify": 2}), config)
+    supervisor.handles = [SimpleNamespace(base_threads=1, threads=0) for _ in range(2)]
+    assert supervisor.threads_for(supervisor.handles[0]) == 1
