@@ -94,8 +94,13 @@ format: $(BIN)/.installed
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/banking77.py
 	$(BIN)/python benchmarks/faithfulness.py --bundle runs/banking77/bundle --sample 500
-	$(BIN)/python benchmarks/dialogsum.py --seeds 42 1 2
+	$(BIN)/python benchmarks/dialogsum.py --num_train_epochs 2
 	$(BIN)/python benchmarks/serving.py --bundle runs/banking77/bundle
+	$(BIN)/python -m training.export_onnx runs/banking77/bundle --int8
+	$(BIN)/python benchmarks/serving.py --backends --bundle runs/banking77/bundle
+	$(BIN)/python benchmarks/quantization.py --bundle runs/banking77/bundle
+	$(BIN)/python benchmarks/threads.py --bundle runs/banking77/bundle
+	$(BIN)/python benchmarks/training.py
 
 # The reliability table (benchmarks/results/reliability.md): fuzzing, overload, killed
 # workers, slow clients, drain, each on a real server with the demo models (~10 minutes).
