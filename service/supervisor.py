@@ -22,9 +22,10 @@ that API. So this module owns the path from the HTTP processes to the workers:
   readiness is false only while an API has no live worker;
 - a request's in-flight slots are released when its work really ends (answered,
   failed, or dropped for its deadline), not when its client stops waiting;
-- on CPU, each batch is sent with the torch threads to run it with: the worker's own
-  share of the cores, or more when other workers are idle, so that a lone request
-  runs on every core as a single process would (``SUPPORTLENS_ADAPTIVE_THREADS``).
+- each batch is sent with the torch threads to run it with: the worker's own share of
+  the cores or, with ``SUPPORTLENS_ADAPTIVE_THREADS`` on (CPU only), more when other
+  workers are idle, so that a lone request runs on every core as a single process
+  would.
 """
 
 from __future__ import annotations
