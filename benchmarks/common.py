@@ -43,6 +43,19 @@ def hardware(info: dict[str, Any]) -> str:
     return info.get("gpu") or f"{info['cpu_count']} CPU cores"
 
 
+def run_heading(kind: str, run: dict[str, Any]) -> list[str]:
+    """The Markdown lines that open one device kind's run: its heading and its command."""
+    return ["", f"## {kind} ({hardware(run['machine'])})", "", f"Command: `{run['command']}`", ""]
+
+
+def machine_sentence(info: dict[str, Any]) -> str:
+    """One sentence on the machine of a :func:`machine` description, for a result table."""
+    return (
+        f"Machine: {info['cpu_count']} CPUs ({info['cpu']}), torch {info['torch']}, "
+        f"Python {info['python']}; load average at start {info['load_average_at_start']}."
+    )
+
+
 def write_runs(
     results_dir: str | os.PathLike,
     name: str,

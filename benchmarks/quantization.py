@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import hardware, machine, write_runs  # noqa: E402
-from benchmarks.serving import load_labelled  # noqa: E402
+from benchmarks.common import machine, machine_sentence, run_heading, write_runs  # noqa: E402
+from benchmarks.serving import labelled_scores, load_labelled  # noqa: E402
 
 VARIANTS = {
     "per-tensor, pooling + head fp32": {
@@ -59,28 +58,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def scores(predictor, texts, truth) -> dict:
-    import numpy as np
-    import torch
-
-    from training.evaluation import expected_calibration_error, softmax
-
-    logits = []
-    started = time.perf_counter()
-    for first in range(0, len(texts), 64):
-        encoding, _ = predictor.encode(texts[first : first + 64])
-        with torch.inference_mode():
-            logits.append(predictor.forward(encoding).logits.float().numpy())
-    elapsed = time.perf_counter() - started
-    logits = np.concatenate(logits)  # (N, C)
-    predicted = logits.argmax(axis=1)
-    return {
-        "accuracy": round(100 * float((predicted == truth).mean()), 2),
-        "ece_after": round(
-            100 * expected_calibration_error(softmax(logits, predictor.temperature), truth), 2
-        ),
-        "seconds": round(elapsed, 1),
-        "predicted": predicted,
-    }
+    """The figures of :func:`labelled_scores` this table shows."""
+    result = labelled_scores(predictor, texts, truth)
+    return {key: result[key] for key in ("accuracy", "ece_after", "seconds", "predicted")}
 
 
 def main(argv=None) -> int:
@@ -143,13 +123,8 @@ def render(results: dict) -> str:
     for kind, run in sorted(results["runs"].items()):
         m = run["machine"]
         lines += [
-            "",
-            f"## {kind} ({hardware(m)})",
-            "",
-            f"Command: `{run['command']}`",
-            "",
-            f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}; load average "
-            f"at start {m['load_average_at_start']}. Model: {run['bundle']} (trained "
+            *run_heading(kind, run),
+            f"{machine_sentence(m)} Model: {run['bundle']} (trained "
             f"{run['bundle_training']}). Texts: {run['texts']}.",
             "",
             *([run["note"], ""] if run.get("note") else []),

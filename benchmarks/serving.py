@@ -56,7 +56,7 @@ from pydantic import BaseModel
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import hardware, machine, write_runs  # noqa: E402
+from benchmarks.common import machine, machine_sentence, run_heading, write_runs  # noqa: E402
 from service.config import Settings, available_cores  # noqa: E402
 
 
@@ -590,20 +590,16 @@ def load_labelled(path: str) -> tuple[list[str], list[str]]:
     return [row["text"] for row in rows], [row["category"] for row in rows]
 
 
-def backend_quality(bundle: str, backend: str, texts, labels, threads: int) -> dict:
-    """Accuracy, macro-F1 and ECE (after the bundle's temperature, and before) of one
-    backend on the labelled file, in batches of 64, plus its agreement with PyTorch."""
+def labelled_scores(predictor, texts: list[str], truth) -> dict:
+    """Accuracy, macro-F1 and ECE (after the predictor's temperature, and before) in %, the
+    seconds the forward passes took (batches of 64) and the predicted class indices, of
+    ``predictor`` on ``texts`` whose class indices are ``truth``."""
     import numpy as np
     import torch
     from sklearn.metrics import f1_score
 
     from training.evaluation import expected_calibration_error, softmax
 
-    predictor = _predictor(bundle, "cpu", threads, backend)
-    index = {label: i for i, label in enumerate(predictor.labels)}
-    missing = sorted(set(labels) - set(index))
-    if missing:
-        raise SystemExit(f"serving benchmark: labels of {bundle} lack {missing[:3]}")
     logits = []
     started = time.perf_counter()
     for first in range(0, len(texts), 64):
@@ -612,7 +608,6 @@ def backend_quality(bundle: str, backend: str, texts, labels, threads: int) -> d
             logits.append(predictor.forward(encoding).logits.float().numpy())
     elapsed = time.perf_counter() - started
     logits = np.concatenate(logits)  # (N, C)
-    truth = np.array([index[label] for label in labels])
     predicted = logits.argmax(axis=1)
     return {
         "accuracy": round(100 * float((predicted == truth).mean()), 2),
@@ -621,9 +616,27 @@ def backend_quality(bundle: str, backend: str, texts, labels, threads: int) -> d
         "ece_after": round(
             100 * expected_calibration_error(softmax(logits, predictor.temperature), truth), 2
         ),
-        "examples": len(texts),
         "seconds": round(elapsed, 1),
-        "predicted": predicted.tolist(),
+        "predicted": predicted,
+    }
+
+
+def backend_quality(bundle: str, backend: str, texts, labels, threads: int) -> dict:
+    """:func:`labelled_scores` of one backend on the labelled file (predictions as a list,
+    to compare with PyTorch's)."""
+    import numpy as np
+
+    predictor = _predictor(bundle, "cpu", threads, backend)
+    index = {label: i for i, label in enumerate(predictor.labels)}
+    missing = sorted(set(labels) - set(index))
+    if missing:
+        raise SystemExit(f"serving benchmark: labels of {bundle} lack {missing[:3]}")
+    result = labelled_scores(predictor, texts, np.array([index[label] for label in labels]))
+    return {
+        **{key: result[key] for key in ("accuracy", "macro_f1", "ece_before", "ece_after")},
+        "examples": len(texts),
+        "seconds": result["seconds"],
+        "predicted": result["predicted"].tolist(),
     }
 
 
@@ -805,14 +818,8 @@ def render_backends(results: dict) -> str:
         m = run["machine"]
         server = run["server"]
         lines += [
-            "",
-            f"## {kind} ({hardware(m)})",
-            "",
-            f"Command: `{run['command']}`",
-            "",
-            f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}, "
-            f"Python {m['python']}; load average at start {m['load_average_at_start']}. "
-            f"Model: {run['bundle']} (trained {run['bundle_training']}). "
+            *run_heading(kind, run),
+            f"{machine_sentence(m)} Model: {run['bundle']} (trained {run['bundle_training']}). "
             f"int8 quantization: {run['quantization']}. Requests: {run['texts']}. "
             f"Servers: {server['classify_workers']} classify worker(s) x "
             f"{server['threads_per_worker']} thread(s), {server['api_servers']} HTTP "
@@ -829,21 +836,7 @@ def render_backends(results: dict) -> str:
                 f"| {backend} | {q['accuracy']} | {q['macro_f1']} | {q['ece_before']} | "
                 f"{q['ece_after']} | {q['agreement_with_torch']} | {q['seconds']} |"
             )
-        lines += [
-            "",
-            "| setup | concurrency | requests | errors | req/s (median round) | req/s by round "
-            "| p50 ms | p99 ms |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for name, cell in run["cells"].items():
-            setup, _, c = name.rpartition(" c=")
-            rounds = " / ".join(str(x) for x in cell.get("rps_by_round", [cell["rps"]]))
-            lines.append(
-                f"| {setup} | {c} | {cell['requests']} | {cell['errors']} | {cell['rps']} | "
-                f"{rounds} | {cell['p50_ms']} | {cell['p99_ms']} |"
-            )
-        lines += ["", "| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in run["summary"].items()]
+        lines += ["", *cells_table(run)]
     lines.append("")
     return "\n".join(lines)
 
@@ -899,14 +892,8 @@ def render_markdown(results: dict) -> str:
         m = run["machine"]
         server = run["server"]
         lines += [
-            "",
-            f"## {kind} ({hardware(m)})",
-            "",
-            f"Command: `{run['command']}`",
-            "",
-            f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}, "
-            f"Python {m['python']}; load average at start {m['load_average_at_start']}. "
-            f"Model: {run['bundle']}. Requests: {run['texts']}. Server: "
+            *run_heading(kind, run),
+            f"{machine_sentence(m)} Model: {run['bundle']}. Requests: {run['texts']}. Server: "
             f"{server['classify_workers']} classify worker(s) x {server['torch_threads_per_worker']} "
             f"torch thread(s), {server['api_servers']} HTTP process(es), batches of up to "
             f"{server['max_batch_size']} (gathered only while every worker is busy). "
@@ -914,20 +901,28 @@ def render_markdown(results: dict) -> str:
             "requests per cell and round.",
             "",
             *([run["note"], ""] if run.get("note") else []),
-            "| setup | concurrency | requests | errors | req/s (median round) | req/s by round | p50 ms | p99 ms |",
-            "|---|---|---|---|---|---|---|---|",
+            *cells_table(run),
         ]
-        for name, cell in run["cells"].items():
-            setup, _, c = name.rpartition(" c=")
-            rounds = " / ".join(str(x) for x in cell.get("rps_by_round", [cell["rps"]]))
-            lines.append(
-                f"| {setup} | {c} | {cell['requests']} | {cell['errors']} | {cell['rps']} | "
-                f"{rounds} | {cell['p50_ms']} | {cell['p99_ms']} |"
-            )
-        lines += ["", "| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in run["summary"].items()]
     lines.append("")
     return "\n".join(lines)
+
+
+def cells_table(run: dict) -> list[str]:
+    """The Markdown table of a run's cells (one per setup and concurrency), then its figures."""
+    lines = [
+        "| setup | concurrency | requests | errors | req/s (median round) | req/s by round "
+        "| p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cell in run["cells"].items():
+        setup, _, c = name.rpartition(" c=")
+        rounds = " / ".join(str(x) for x in cell.get("rps_by_round", [cell["rps"]]))
+        lines.append(
+            f"| {setup} | {c} | {cell['requests']} | {cell['errors']} | {cell['rps']} | "
+            f"{rounds} | {cell['p50_ms']} | {cell['p99_ms']} |"
+        )
+    lines += ["", "| figure | value |", "|---|---|"]
+    return lines + [f"| {k} | {v} |" for k, v in run["summary"].items()]
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import hardware, machine, write_runs
+from benchmarks.common import machine, machine_sentence, run_heading, write_runs
 from benchmarks.serving import (
     free_port,
     load,
@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     }
     run = {
         "machine": machine(),
-        "command": "python benchmarks/threads.py " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["python benchmarks/threads.py", *(argv or sys.argv[1:])]),
         "bundle": args.bundle,
         "rounds": args.rounds,
         "requests_per_cell": args.requests,
@@ -119,14 +119,8 @@ def render(results: dict) -> str:
     for kind, run in sorted(results["runs"].items()):
         m = run["machine"]
         lines += [
-            "",
-            f"## {kind} ({hardware(m)})",
-            "",
-            f"Command: `{run['command'].strip()}`",
-            "",
-            f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}, Python "
-            f"{m['python']}; load average at start {m['load_average_at_start']}. Model: "
-            f"{run['bundle']}. Rounds: {run['rounds']}, {run['requests_per_cell']} requests "
+            *run_heading(kind, run),
+            f"{machine_sentence(m)} Model: {run['bundle']}. Rounds: {run['rounds']}, {run['requests_per_cell']} requests "
             "per cell and round; each cell is the median round.",
             "",
             "| policy | concurrency | req/s | req/s by round | p50 ms | p99 ms | p99 ms by round |",

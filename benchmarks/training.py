@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import hardware, machine, write_runs  # noqa: E402
+from benchmarks.common import machine, machine_sentence, run_heading, write_runs  # noqa: E402
 from service.config import available_cores  # noqa: E402
 
 RECIPE = "training/recipes/intent/banking77.yaml"
@@ -171,14 +171,8 @@ def render(results: dict) -> str:
     for kind, run in sorted(results["runs"].items()):
         m = run["machine"]
         lines += [
-            "",
-            f"## {kind} ({hardware(m)})",
-            "",
-            f"Command: `{run['command']}`",
-            "",
-            f"Machine: {m['cpu_count']} CPUs ({m['cpu']}), torch {m['torch']}, "
-            f"Python {m['python']}; load average at start {m['load_average_at_start']}. "
-            f"{run['steps']} steps of {run['batch_per_process']} examples per process; "
+            *run_heading(kind, run),
+            f"{machine_sentence(m)} {run['steps']} steps of {run['batch_per_process']} examples per process; "
             f"rounds: {run['rounds']}.",
             "",
             *([run["note"], ""] if run.get("note") else []),
