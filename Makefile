@@ -100,6 +100,7 @@ bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/serving.py --backends --bundle runs/banking77/bundle
 	$(BIN)/python benchmarks/quantization.py --bundle runs/banking77/bundle
 	$(BIN)/python benchmarks/threads.py --bundle runs/banking77/bundle
+	$(BIN)/python benchmarks/padding.py --bundle runs/banking77/bundle
 	$(BIN)/python benchmarks/training.py
 
 # The reliability table (benchmarks/results/reliability.md): fuzzing, overload, killed

@@ -15,6 +15,7 @@ Results: ``benchmarks/results/quantization.md`` / ``.json``.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -80,7 +81,7 @@ def main(argv=None) -> int:
     truth = np.array([index[label] for label in labels])
     run: dict = {
         "machine": machine(),
-        "command": " ".join(["python benchmarks/quantization.py", *(argv or sys.argv[1:])]),
+        "command": "python benchmarks/quantization.py " + shlex.join(argv or sys.argv[1:]),
         "bundle": args.bundle,
         "bundle_training": {k: bundle.training.get(k) for k in ("epochs", "global_step")},
         "texts": f"{args.data} ({len(texts)} messages)",

@@ -14,6 +14,9 @@ sends one BANKING77 test message per request at concurrency 1, 8 and 32 to
 The targets (issue 9): at concurrency 1 the server's throughput is at least the
 baseline's and its p50 within 2 ms of the raw in-process p50; at concurrency 32 it
 serves at least 0.8x the fastest raw layout. The summary table reports each ratio.
+Every server cell also records the CPU time its processes spent per answered request,
+by role (model workers, HTTP, main) and for the load client, read from ``/proc``: where
+the cores go, next to the raw layouts' cores x wall time per request.
 
 Everything runs in one go, side by side, and writes ``benchmarks/results/serving.md``
 and ``.json`` with the machine description and the command, kept per device kind (a
@@ -356,6 +359,54 @@ def raw_limit(
     return summarize(latencies, max(elapsed for _, elapsed in parts), 0)
 
 
+def group_cpu_seconds(pgid: int) -> dict[str, float]:
+    """CPU seconds (user + system, every thread) so far of the processes of a started
+    server (its process group, see :func:`start`), by role: ``main`` (the supervisor),
+    ``workers`` (the model workers, started by multiprocessing's spawn), ``http`` (the
+    HTTP processes) and ``other``. Linux ``/proc``; empty elsewhere."""
+    clock = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    roles: dict[str, float] = {}
+    for entry in os.listdir("/proc") if Path("/proc").is_dir() else []:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # from field 3 (state): pgrp, utime, stime
+        if int(fields[2]) != pgid:
+            continue
+        if int(entry) == pgid:
+            role = "main"
+        elif "spawn_main" in cmdline:
+            role = "workers"
+        elif "service.server" in cmdline:
+            role = "http"
+        else:
+            role = "other"
+        roles[role] = roles.get(role, 0.0) + (int(fields[11]) + int(fields[12])) / clock
+    return roles
+
+
+def served(process: subprocess.Popen, url: str, *load_args) -> dict:
+    """:func:`load` against a started server, with the CPU time each of its roles and the
+    load client (this process) spent per answered request, in ms."""
+    before, client = group_cpu_seconds(process.pid), time.process_time()
+    cell = asyncio.run(load(url, *load_args))
+    client = time.process_time() - client
+    after = group_cpu_seconds(process.pid)
+    answered = max(1, cell["requests"])
+    cell["cpu_ms_per_request"] = {
+        **{
+            role: round(1000 * (after[role] - before.get(role, 0.0)) / answered, 2)
+            for role in sorted(after)
+        },
+        "client": round(1000 * client / answered, 2),
+    }
+    return cell
+
+
 def wait_ready(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
     import urllib.error
     import urllib.request
@@ -544,9 +595,7 @@ def main(argv=None) -> int:
                     asyncio.run(load(server_url, texts, c, 32, 10, explain))  # warm-up
                     measure(
                         f"{name} c={c}",
-                        asyncio.run(
-                            load(server_url, texts, c, args.requests, args.time_cap, explain)
-                        ),
+                        served(server, server_url, texts, c, args.requests, args.time_cap, explain),
                     )
             if round_ == 0:
                 measure(
@@ -745,10 +794,11 @@ def run_backends(args: argparse.Namespace, argv, device: str) -> int:
                     asyncio.run(load(url + "/v1/classify", texts, c, 32, 10, []))  # warm-up
                     measure(
                         f"{name} c={c}",
-                        asyncio.run(
-                            load(url + "/v1/classify", texts, c, args.requests, args.time_cap, [])
+                        served(
+                            process, url + "/v1/classify", texts, c, args.requests,
+                            args.time_cap, [],
                         ),
-                    )
+                    )  # fmt: skip
                 pause(process)
     finally:
         for process, _ in servers.values():
@@ -921,8 +971,42 @@ def cells_table(run: dict) -> list[str]:
             f"| {setup} | {c} | {cell['requests']} | {cell['errors']} | {cell['rps']} | "
             f"{rounds} | {cell['p50_ms']} | {cell['p99_ms']} |"
         )
+    lines += cpu_table(run)
     lines += ["", "| figure | value |", "|---|---|"]
     return lines + [f"| {k} | {v} |" for k, v in run["summary"].items()]
+
+
+def cpu_table(run: dict) -> list[str]:
+    """Where a served request's CPU time goes (server cells measured with :func:`served`),
+    next to what the fastest raw layout spends per request (its cores x wall time)."""
+    measured = {n: c for n, c in run["cells"].items() if "cpu_ms_per_request" in c}
+    if not measured:
+        return []
+    roles = ["workers", "http", "main", "other", "client"]
+    lines = [
+        "",
+        "CPU time per answered request, ms (user + system, all threads; the load client "
+        "shares the machine), in the median round. A raw layout keeps its cores busy: "
+        f"{run['machine']['cpu_count']} cores x wall time / requests.",
+        "",
+        "| setup | concurrency | model workers | HTTP | main | other | load client | total |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cell in measured.items():
+        setup, _, c = name.rpartition(" c=")
+        cpu = cell["cpu_ms_per_request"]
+        values = [cpu.get(role, 0.0) for role in roles]
+        lines.append(
+            f"| {setup} | {c} | "
+            + " | ".join(f"{v:.2f}" for v in values)
+            + f" | {sum(values):.2f} |"
+        )
+    for name, cell in run["cells"].items():
+        setup, _, c = name.rpartition(" c=")
+        if name.startswith("raw") and c != "1" and cell["rps"]:
+            share = run["machine"]["cpu_count"] * 1000 / cell["rps"]
+            lines.append(f"| {setup} | {c} | {share:.2f} | – | – | – | – | {share:.2f} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -240,7 +240,12 @@ def quantize_graph(
         nodes_to_exclude=excluded,
         # weights_only: MatMuls of two activations (attention scores and mixing) stay
         # fp32; ONNX Runtime would otherwise quantize both of their inputs on the fly.
-        extra_options={"MatMulConstBOnly": weights_only},
+        # DefaultTensorType: the outputs of ONNX Runtime's fused operators (com.microsoft
+        # domain) have no inferred type; every activation here is fp32.
+        extra_options={
+            "MatMulConstBOnly": weights_only,
+            "DefaultTensorType": onnx.TensorProto.FLOAT,
+        },
     )
     return {
         "weight_type": "int8",
@@ -302,8 +307,9 @@ class OnnxClassifier:
 
     task = "intent-classification"
 
-    def __init__(self, path: str | os.PathLike, threads: int = 1):
+    def __init__(self, path: str | os.PathLike, threads: int = 1, precision: str = "fp32"):
         self.path = Path(path)
+        self.backend = f"onnx-{precision}"
         self.session = inference_session(path, threads)
 
     def __call__(
@@ -340,8 +346,9 @@ class OnnxSummarizer:
 
     task = "extractive-summarization"
 
-    def __init__(self, path: str | os.PathLike, threads: int = 1):
+    def __init__(self, path: str | os.PathLike, threads: int = 1, precision: str = "fp32"):
         self.path = Path(path)
+        self.backend = f"onnx-{precision}"
         self.session = inference_session(path, threads)
 
     def __call__(
@@ -395,4 +402,4 @@ def require_graph(bundle: Any, precision: str) -> Path:
 def onnx_runner(bundle: Any, precision: str = "int8", threads: int = 1):
     """The session-based forward of ``bundle``'s graph in ``precision`` with ``threads``
     intra-op threads (see :func:`require_graph` for the error when there is none)."""
-    return RUNNERS[bundle.task](require_graph(bundle, precision), threads)
+    return RUNNERS[bundle.task](require_graph(bundle, precision), threads, precision)

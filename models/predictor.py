@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from transformers import BatchEncoding
 
 from models.bundle import Bundle
@@ -12,6 +14,31 @@ from models.classifier import ClassifierOutput
 from models.tokenization import encode_texts
 
 OUT_OF_SCOPE = "out_of_scope"
+
+# A pass's fixed cost in tokens' worth of work, per runner on CPU, from passes of 1x8 to
+# 32x32 tokens on one thread timed as ``a + b x rows x width``: a / b is about 20-30 for
+# PyTorch (its fp32 weights are read from memory once per pass; a 1x8 pass costs what
+# 32 more tokens do), 14 for ONNX Runtime fp32 and 6 for int8. :func:`length_groups`
+# weighs padding against it; benchmarks/results/padding.md measures what that saves.
+PASS_TOKENS = {"torch": 32, "onnx-fp32": 14, "onnx-int8": 6}
+
+
+def length_groups(lengths: list[int], pass_tokens: float) -> list[list[int]]:
+    """Row indices grouped for separate passes, to spare the padding of mixed lengths.
+
+    Rows are taken shortest first; the next row joins the current group unless the
+    padding it adds (every row of the group widened to its length) costs more than a pass
+    of its own (``pass_tokens``). One group holding every row when the batch is even or
+    ``pass_tokens`` is infinite (a GPU, where padding is nearly free)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        # Sorted ascending: the candidate row is the group's longest.
+        if groups and len(groups[-1]) * (lengths[i] - lengths[groups[-1][-1]]) <= pass_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 @dataclass
@@ -28,6 +55,14 @@ class Prediction:
     top_k: list[dict[str, float | str]] = field(default_factory=list)
     truncated: bool = False
     ood_score: float = 0.0
+
+
+def pass_tokens(runner, device: torch.device) -> float:
+    """:data:`PASS_TOKENS` of ``runner`` (its ``backend`` name; a PyTorch model has none);
+    infinite off the CPU."""
+    if device.type != "cpu":
+        return math.inf
+    return PASS_TOKENS.get(getattr(runner, "backend", "torch"), PASS_TOKENS["torch"])
 
 
 class IntentPredictor:
@@ -51,6 +86,7 @@ class IntentPredictor:
         self.temperature = float(bundle.calibration.get("temperature", 1.0))
         self.threshold = float(bundle.calibration.get("oos_threshold", 0.0))
         self.detector = bundle.detector
+        self.pass_tokens = pass_tokens(self.runner, self.device)
         limit = getattr(self.model.config.encoder, "max_position_embeddings", None) or 512
         self.max_length = min(max_length or int(bundle.training.get("max_length", 128)), limit)
 
@@ -139,11 +175,45 @@ class IntentPredictor:
     def forward(self, encoding: BatchEncoding, *, output_pooling_weights: bool = False):
         """The classifier's output for an :meth:`encode` result (``.logits`` (B, C);
         ``.pooled`` (B, N*H) when the out-of-scope detector reads features; and
-        ``.pooling_weights`` (B, N, T) when asked: the free ``attention`` explanation)."""
-        return self.runner(
-            **self.model_inputs(encoding),
-            output_pooling_weights=output_pooling_weights,
-            output_pooled=self.needs_features,
+        ``.pooling_weights`` (B, N, T) when asked: the free ``attention`` explanation).
+
+        Rows of similar length run together (:func:`length_groups`), each group cut to
+        its own longest row, and the outputs come back in the encoding's row order with
+        ``pooling_weights`` zero on the padding, as one padded pass would give them.
+        """
+        inputs = self.model_inputs(encoding)
+        mask = inputs["attention_mask"]
+        lengths = mask.sum(dim=-1).tolist()  # (B,)
+        groups = length_groups(lengths, self.pass_tokens)
+        if len(groups) == 1:
+            return self.runner(
+                **inputs,
+                output_pooling_weights=output_pooling_weights,
+                output_pooled=self.needs_features,
+            )
+        # Padding is most of the work in a batch of mixed lengths: a CPU forward costs
+        # about its padded tokens, and neither runner skips padding on its own.
+        logits, weights, pooled = [], [], []
+        for group in groups:
+            index = torch.tensor(group, device=mask.device)
+            width = max(lengths[i] for i in group)
+            part = self.runner(
+                **{k: v[index, :width] for k, v in inputs.items()},  # (G, width)
+                output_pooling_weights=output_pooling_weights,
+                output_pooled=self.needs_features,
+            )
+            logits.append(part.logits)
+            pooled.append(part.pooled)
+            if output_pooling_weights:
+                pad = mask.shape[1] - width
+                weights.append(nn.functional.pad(part.pooling_weights, (0, pad)))  # (G, N, T)
+        order = torch.tensor([i for group in groups for i in group], device=mask.device)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=mask.device)
+        return ClassifierOutput(
+            logits=torch.cat(logits)[inverse],  # (B, C)
+            pooling_weights=torch.cat(weights)[inverse] if output_pooling_weights else None,
+            pooled=torch.cat(pooled)[inverse] if self.needs_features else None,
         )
 
     def predict(self, texts: list[str], top_k: int = 3) -> list[Prediction]:

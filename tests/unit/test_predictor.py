@@ -68,3 +68,56 @@ def test_explainer_reads_the_predictor_inputs(predictor):
     computed = explainer.explain(texts, ["attention"])
     for a, b in zip(free, computed, strict=True):
         assert a.token_scores == pytest.approx(b["attention"].token_scores)
+
+
+def test_length_groups_weigh_padding_against_a_pass():
+    from models.predictor import length_groups
+
+    # Sorted: 2, 3, 3, 10, 11. Joining the 10 would widen 3 rows by 7 tokens (21 > 8):
+    # a pass of its own is cheaper, and the 11 joins it (1 token of padding).
+    assert length_groups([10, 2, 3, 11, 3], pass_tokens=8) == [[1, 2, 4], [0, 3]]
+    assert length_groups([10, 2, 3, 11, 3], pass_tokens=21) == [[1, 2, 4, 0, 3]]
+    assert length_groups([5, 5, 5], pass_tokens=0) == [[0, 1, 2]]
+    assert length_groups([4, 90, 2], pass_tokens=float("inf")) == [[2, 0, 1]]
+    assert length_groups([], pass_tokens=8) == []
+
+
+def test_pass_tokens_follow_the_runner_and_never_split_off_the_cpu():
+    from models.predictor import PASS_TOKENS, pass_tokens
+
+    class Runner:
+        backend = "onnx-int8"
+
+    assert pass_tokens(object(), torch.device("cpu")) == PASS_TOKENS["torch"]
+    assert pass_tokens(Runner(), torch.device("cpu")) == PASS_TOKENS["onnx-int8"]
+    assert pass_tokens(object(), torch.device("cuda")) == float("inf")
+
+
+def test_forward_of_mixed_lengths_runs_groups_and_returns_the_padded_pass_outputs(predictor):
+    texts = ["refund", "one two three four five six", "card", "one two three four five"]
+    encoding, _ = predictor.encode(texts)
+    widths = []
+    runner, default = predictor.runner, predictor.pass_tokens
+
+    def recording(**inputs):
+        widths.append(tuple(inputs["input_ids"].shape))
+        return runner(**inputs)
+
+    try:
+        predictor.pass_tokens = float("inf")
+        whole = predictor.forward(encoding, output_pooling_weights=True)
+        predictor.runner = recording
+        predictor.pass_tokens = 1
+        grouped = predictor.forward(encoding, output_pooling_weights=True)
+    finally:
+        predictor.runner, predictor.pass_tokens = runner, default
+    # Two passes, each cut to its own longest row: the one-word texts, then the long ones.
+    lengths = encoding["attention_mask"].sum(-1).tolist()
+    assert widths == [(2, max(lengths[0], lengths[2])), (2, 8)]
+    assert widths[0][1] < 8
+    assert torch.allclose(grouped.logits, whole.logits, atol=1e-5)
+    assert grouped.pooling_weights.shape == whole.pooling_weights.shape
+    assert torch.allclose(grouped.pooling_weights, whole.pooling_weights, atol=1e-6)
+    assert [p.label for p in predictor.predict(texts)] == [
+        predictor.labels[i] for i in whole.logits.argmax(-1).tolist()
+    ]
