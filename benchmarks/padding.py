@@ -92,9 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             batches = [texts[i : i + size] for i in range(0, len(texts), size)]
             encodings = [predictor.encode(batch)[0] for batch in batches]
             padded_s, padded, _ = timed_forward(predictor, encodings, math.inf)
-            grouped_s, grouped, grouped_passes = timed_forward(
-                predictor, encodings, grouped_tokens
-            )
+            grouped_s, grouped, grouped_passes = timed_forward(predictor, encodings, grouped_tokens)
             cell = {
                 "backend": backend,
                 "batch_size": size,
@@ -126,8 +124,7 @@ def render(results: dict) -> str:
     for kind, run in sorted(results["runs"].items()):
         lines += [
             *run_heading(kind, run),
-            f"{machine_sentence(run['machine'])} Model: {run['bundle']}. "
-            f"Texts: {run['texts']}.",
+            f"{machine_sentence(run['machine'])} Model: {run['bundle']}. Texts: {run['texts']}.",
             "",
             "| backend | batch | pass tokens | padded ms / message | grouped ms / message | "
             "speed-up | passes per batch | max logit difference | labels that differ |",
