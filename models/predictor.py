@@ -183,7 +183,9 @@ class IntentPredictor:
         """
         inputs = self.model_inputs(encoding)
         mask = inputs["attention_mask"]
-        lengths = mask.sum(dim=-1).tolist()  # (B,)
+        # Lengths from the tokenizer's CPU tensor: reading them from the device copy
+        # would wait for the GPU before every forward.
+        lengths = encoding["attention_mask"].sum(dim=-1).tolist()  # (B,)
         groups = length_groups(lengths, self.pass_tokens)
         if len(groups) == 1:
             return self.runner(
