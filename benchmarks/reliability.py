@@ -13,8 +13,11 @@ measures, each part on a fresh server:
 4. slow clients: twice the in-flight limit of stalled uploads (headers and 10 of 200
    body bytes) while normal clients keep sending: their statuses, and when the stalled
    ones get 408;
-5. drain: requests in flight (workers paused) when the process group gets SIGINT (what
-   Ctrl+C does): how many were answered, what new requests got, exit status, tracebacks.
+5. a dead HTTP process: ``kill -9`` of one of two HTTP processes under load: the exit
+   status of the server and how long it took, what the clients got until then;
+6. drain: requests in flight (workers paused) when the process group gets SIGINT (what
+   Ctrl+C does) and, on another server, SIGTERM (systemd's KillMode=control-group): how
+   many were answered, what new requests got, exit status, tracebacks, workers restarted.
 
 Writes ``benchmarks/results/reliability.md`` and ``.json`` (with the machine and the
 command). Figures on a shared machine are noisy; the counts are what matters.
@@ -390,10 +393,12 @@ def slow_clients(args, work: Path) -> dict:
     }
 
 
-def drain(args, work: Path) -> dict:
+def drain(args, work: Path, signum: signal.Signals = signal.SIGINT) -> dict:
+    """``signum`` to the whole process group (Ctrl+C; systemd's KillMode=control-group)
+    with requests in flight."""
     import psutil
 
-    server = Server(args, work / "drain.log", SUPPORTLENS_SUMMARIZER_BUNDLE="none")
+    server = Server(args, work / f"drain-{signum.name}.log", SUPPORTLENS_SUMMARIZER_BUNDLE="none")
     workers = [
         p
         for p in psutil.Process(server.process.pid).children(recursive=True)
@@ -410,7 +415,7 @@ def drain(args, work: Path) -> dict:
         ]
         await asyncio.sleep(2)
         sent_at = time.monotonic()
-        os.killpg(server.process.pid, signal.SIGINT)  # Ctrl+C in the terminal
+        os.killpg(server.process.pid, signum)
         await asyncio.sleep(1)
         late = await asyncio.gather(
             *(request(server.port, "/v1/classify", classify_body(i), 10) for i in range(5))
@@ -426,18 +431,69 @@ def drain(args, work: Path) -> dict:
     server.stop()
     log = server.log_path.read_text(errors="replace")
     return {
-        "in_flight_at_sigint": count,
+        "signal": signum.name,
+        "in_flight_at_signal": count,
         "in_flight_answered": dict(Counter(str(s) for s in answered)),
         "new_requests_during_drain": dict(Counter(str(s) for s in late)),
         "exit_status": code,
         "exit_after_s": round(exit_s, 1),
         "traceback_lines": log.count("Traceback"),
+        "workers_restarted": log.count("starting a new one"),
+    }
+
+
+def drains(args, work: Path) -> list[dict]:
+    return [drain(args, work, signum) for signum in (signal.SIGINT, signal.SIGTERM)]
+
+
+def http_death(args, work: Path) -> dict:
+    """``kill -9`` of one of two HTTP processes under load: the server must exit 1 (for
+    its supervisor to restart it) instead of keeping a port open that nobody serves."""
+    server = Server(
+        args, work / "http.log", SUPPORTLENS_SUMMARIZER_BUNDLE="none", SUPPORTLENS_API_SERVERS="2"
+    )
+    pattern = re.compile(r"Started server process \[(\d+)\]")
+    http = [
+        int(m.group(1)) for e in server.log_entries() if (m := pattern.search(e.get("message", "")))
+    ]
+    statuses: list[int] = []
+
+    async def scenario() -> float:
+        stop = time.monotonic() + 60
+
+        async def client(i: int) -> None:
+            # As a client of a replicated service would: wait Retry-After on 503, and go
+            # elsewhere (here: stop) once this server answers nothing.
+            while time.monotonic() < stop and server.process.poll() is None:
+                status = await request(server.port, "/v1/classify", classify_body(i), 10)
+                statuses.append(status)
+                if status == 0:
+                    return
+                if status == 503:
+                    await asyncio.sleep(1)
+
+        clients = [asyncio.create_task(client(i)) for i in range(8)]
+        await asyncio.sleep(2)
+        killed_at = time.monotonic()
+        os.kill(http[0], signal.SIGKILL)
+        await asyncio.gather(*clients)
+        return killed_at
+
+    killed_at = asyncio.run(scenario())
+    code = server.process.wait(timeout=120)
+    exit_s = time.monotonic() - killed_at
+    server.stop()
+    return {
+        "http_processes": len(http),
+        "client_statuses": dict(Counter(str(s) for s in statuses)),
+        "exit_status": code,
+        "exit_after_s": round(exit_s, 1),
     }
 
 
 def render(run: dict) -> str:
     m = run["machine"]
-    fuzz_, kills, slow, drain_ = run["fuzz"], run["kills"], run["slow_clients"], run["drain"]
+    fuzz_, kills, slow, http = run["fuzz"], run["kills"], run["slow_clients"], run["http_death"]
     recovery = ", ".join(f"{k['api']} {k['recovery_s']:.1f} s" for k in kills["kills"])
     lines = [
         "# Reliability",
@@ -471,10 +527,21 @@ def render(run: dict) -> str:
         f"{slow['in_flight_limit']}, body timeout 5 s | stalled ones got "
         f"{slow['stalled_statuses']} within {slow['stalled_answered_within_s']} s; other "
         f"clients meanwhile: {slow['other_clients_status_mix']} |",
-        f"| drain: SIGINT to the process group with {drain_['in_flight_at_sigint']} requests in "
-        f"flight | in flight: {drain_['in_flight_answered']}; new requests during the drain: "
-        f"{drain_['new_requests_during_drain']}; exit status {drain_['exit_status']} after "
-        f"{drain_['exit_after_s']} s; {drain_['traceback_lines']} tracebacks in the log |",
+        f"| `kill -9` of one of the {http['http_processes']} HTTP processes under load (8 "
+        f"clients; a client stops at its first request with no answer, waits Retry-After on "
+        f"503) | exit status {http['exit_status']} after {http['exit_after_s']} s; client "
+        f"statuses until then {http['client_statuses']} |",
+    ]
+    for drain_ in run["drain"]:
+        lines.append(
+            f"| drain: {drain_['signal']} to the process group with "
+            f"{drain_['in_flight_at_signal']} requests in flight | in flight: "
+            f"{drain_['in_flight_answered']}; new requests during the drain: "
+            f"{drain_['new_requests_during_drain']}; exit status {drain_['exit_status']} after "
+            f"{drain_['exit_after_s']} s; {drain_['traceback_lines']} tracebacks in the log; "
+            f"{drain_['workers_restarted']} workers restarted |"
+        )
+    lines += [
         "",
         "Status 0 means no HTTP answer (connection refused, reset or timed out).",
         "",
@@ -499,7 +566,8 @@ def main(argv=None) -> int:
         ("overload", overload),
         ("kills", kill_workers),
         ("slow_clients", slow_clients),
-        ("drain", drain),
+        ("http_death", http_death),
+        ("drain", drains),
     ):
         print(f"-- {name}", flush=True)
         run[name] = part(args, work)

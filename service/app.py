@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import multiprocessing as mp
 import signal
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import Any, get_args, get_type_hints
 
@@ -49,6 +51,7 @@ from service.schemas import (
     ReadyResponse,
     SummarizeMethod,
 )
+from service.signals import start_thread
 from service.summarize import SummarizeAPI
 from service.supervisor import QueuedRequest, SharedState, Supervisor
 
@@ -96,27 +99,58 @@ class SupportLensServer(compat.LitServerHooks):
         self.metrics_server = None  # bound by build_server when SUPPORTLENS_METRICS_PORT is set
         self.uvicorn_graceful_timeout = settings.drain_timeout
         self._drain_started = threading.Lock()
+        self.exit_code = 0  # 1 when the server stopped because one of its processes failed
 
     # Main process -----------------------------------------------------------------
 
     def on_manager(self, manager, num_api_servers: int) -> None:
         configure_logging(self.settings.log_level, self.settings.log_format)
         compat.use_main_process_transport(self, num_api_servers)
+        self.shared.open_request_pipes(num_api_servers)
 
     def launch_inference_worker(self, lit_api) -> list:
         return self.supervisor.launch(lit_api)
 
     def on_http_started(self, uvicorn_workers: dict) -> None:
         compat.transport(self).close_readers()  # each HTTP process holds its own
+        self.shared.requests.close_writers()
         self.supervisor.start()
+        http = [p for p in uvicorn_workers.values() if isinstance(p, mp.process.BaseProcess)]
+        start_thread(lambda: self._watch_http(http), "http-watch")
         if self.metrics_server is not None:
             metrics.start(self.metrics_server)
+
+    def _watch_http(self, processes: list[mp.process.BaseProcess]) -> None:
+        """An HTTP process that dies stops the server, with exit status 1.
+
+        It is not replaced: LitServe forks the HTTP processes before any thread of this
+        process starts, and a fork now could copy a lock that another thread holds. The
+        requests it held are lost either way. Without it, the port would stay open with
+        nobody accepting (clients hang instead of being refused) while the process looks
+        alive; so the other HTTP processes drain and the server exits for its supervisor
+        (Kubernetes, systemd) to start it again whole.
+        """
+        sentinels = {process.sentinel: process for process in processes}
+        while sentinels and not self.shared.stopping.value:
+            for sentinel in mp_wait(list(sentinels), timeout=0.25):
+                process = sentinels.pop(sentinel)
+                if self.shared.stopping.value:
+                    return  # the shutdown stops them
+                logger.error(
+                    "HTTP process %s (pid %s) exited with code %s; stopping the server",
+                    process.name,
+                    process.pid,
+                    process.exitcode,
+                )
+                self.exit_code = 1
+                self.request_shutdown()
+                return
 
     def request_shutdown(self) -> None:
         """Start the drain (once); safe to call from a signal handler."""
         if not self._drain_started.acquire(blocking=False):
             return
-        threading.Thread(target=self._drain, name="drain", daemon=True).start()
+        start_thread(self._drain, "drain")
 
     def _drain(self) -> None:
         self.shared.draining.value = 1
@@ -149,6 +183,7 @@ class SupportLensServer(compat.LitServerHooks):
     async def lifespan(self, app: FastAPI):
         configure_logging(self.settings.log_level, self.settings.log_format)
         compat.transport(self).keep_only(compat.response_queue_id(self))
+        self.shared.requests.keep_only(compat.response_queue_id(self))
         # uvicorn installed its handlers for SIGINT/SIGTERM: keep its server object and
         # ignore both signals; the main process says when to stop (shared.stopping).
         uvicorn_server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
@@ -336,7 +371,7 @@ async def dispatch(server: SupportLensServer, api_path: str, body: Any, slots: t
     )
     compat.trigger(server, EventTypes.ON_REQUEST, active_requests=shared.in_flight())
     try:
-        shared.requests.put(request)
+        shared.requests.send(request.consumer, request)
     except BaseException:
         compat.take_response(server, uid)
         shared.release(slots)

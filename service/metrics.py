@@ -8,7 +8,6 @@ before this module is first imported in any of them.
 from __future__ import annotations
 
 import os
-import threading
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -98,7 +97,9 @@ def metrics_server(host: str, port: int, shared):
 
 def start(server) -> None:
     """Serve ``server`` from a daemon thread of this process."""
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    from service.signals import start_thread
+
+    start_thread(server.serve_forever, "metrics")
 
 
 def render() -> tuple[bytes, str]:

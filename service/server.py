@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import sys
 import tempfile
 from pathlib import Path
 
-from service import litserve_compat as compat
 from service.config import ConfigError, get_settings
 from service.logs import configure_logging
+from service.signals import install_signal_handlers
 
 
 def prepare_metrics_dir() -> Path | None:
@@ -37,23 +36,6 @@ def prepare_metrics_dir() -> Path | None:
     directory = Path(tempfile.mkdtemp(prefix="supportlens-metrics-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     return directory
-
-
-def install_signal_handlers(get_server) -> None:
-    """SIGTERM and SIGINT in this process start the drain (or exit quietly before the
-    server runs); a forked HTTP process ignores them until uvicorn takes over."""
-    parent = os.getpid()
-
-    def on_signal(signum, frame):
-        if os.getpid() != parent:
-            return  # an HTTP process that inherited this handler: the parent decides
-        server = get_server()
-        if server is None or not compat.shutdown_requested(server):
-            raise SystemExit(128 + signum)  # nothing started yet: nothing to drain
-        server.request_shutdown()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             for process in getattr(server, "inference_workers", []):
                 process.kill()
             return 1
-        return 0
+        return server.exit_code
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -34,12 +34,24 @@ logger = logging.getLogger(__name__)
 WORKER_NAME = "supportlens-worker"
 HEARTBEAT_S = 0.25
 
-# Ctrl+C in a terminal signals the whole process group; the server's main process
-# drives the shutdown, so a worker ignores SIGINT from the moment its interpreter
-# imports this module (the first import of a spawned worker: its target lives here),
-# long before the model is loaded.
+# Ctrl+C in a terminal signals the whole process group (SIGINT), and so do systemd's
+# KillMode=control-group and `kill -TERM -<pgid>` (SIGTERM); the server's main process
+# drives the shutdown and stops each worker once it has answered what it holds. So a
+# worker ignores both from the moment its interpreter imports this module (the first
+# import of a spawned worker: its target lives here), long before the model is loaded.
+# It inherits the main process's signal mask, which may block them: unblocked here,
+# they are simply ignored.
+SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_shutdown_signals() -> None:
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+
+
 if mp.current_process().name.startswith(WORKER_NAME):
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_shutdown_signals()
 
 
 class Expired:
@@ -69,7 +81,7 @@ class WorkerChannel:
 
 def run_worker(*args) -> None:
     """Process target: LitServe's ``inference_worker`` with this service's logging."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ignore_shutdown_signals()
     lit_api = args[0]
     configure_logging(lit_api.settings.log_level, lit_api.settings.log_format)
     inference_worker(*args)

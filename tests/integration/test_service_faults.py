@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import threading
@@ -224,3 +225,35 @@ def test_service_closes_idle_keep_alive_connections(fault_server):
         assert time.monotonic() - started < 5  # the 1 s keep-alive timeout
     finally:
         sock.close()
+
+
+def test_service_exits_with_status_1_when_an_http_process_dies(tiny_bundles, tmp_path):
+    """A killed HTTP process is not left behind as an open port nobody serves: the other
+    HTTP process answers what it holds, then the server exits 1 (for its supervisor to
+    restart it), leaving no process behind."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(
+        {
+            **bundle_env(tiny_bundles),
+            "SUPPORTLENS_API_SERVERS": "2",
+            "SUPPORTLENS_LOG_LEVEL": "info",
+        },
+        log,
+    ).wait_ready()
+    try:
+        main = psutil.Process(server.process.pid)
+        descendants = main.children(recursive=True)
+        http = [
+            int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", log.read_text())
+        ]
+        assert len(http) == 2
+        assert classify(server.url).status_code == 200
+        psutil.Process(http[0]).kill()
+        assert server.process.wait(timeout=60) == 1
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        assert alive == [], f"orphaned processes: {[p.cmdline() for p in alive]}"
+    finally:
+        server.stop()
+    text = log.read_text()
+    assert f"(pid {http[0]}) exited with code -9; stopping the server" in text
+    assert "Traceback" not in text

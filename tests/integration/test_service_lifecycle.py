@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
@@ -89,7 +90,11 @@ def test_service_drains_in_flight_requests_on_sigterm_and_leaves_no_process(tiny
         server.stop()
 
 
-def test_service_ctrl_c_drains_in_flight_requests_without_tracebacks(tiny_bundles, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_service_drains_when_the_whole_process_group_is_signalled(tiny_bundles, tmp_path, signum):
+    """Ctrl+C in a terminal sends SIGINT to every process of the group; systemd's
+    ``KillMode=control-group`` and ``kill -TERM -<pgid>`` send SIGTERM to all of them.
+    Either way the workers finish what they hold and no worker is restarted."""
     intent, _ = tiny_bundles
     server = ServerProcess(
         {
@@ -122,8 +127,7 @@ def test_service_ctrl_c_drains_in_flight_requests_without_tracebacks(tiny_bundle
         while _in_flight(server.url) < 20 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _in_flight(server.url) == 20
-        # What Ctrl+C in the terminal does: SIGINT to every process of the group.
-        os.killpg(server.process.pid, signal.SIGINT)
+        os.killpg(server.process.pid, signum)
         time.sleep(1.0)
         late = requests.post(f"{server.url}/v1/classify", json={"text": "late"}, timeout=10)
         assert late.status_code == 503 and "Retry-After" in late.headers
@@ -140,12 +144,48 @@ def test_service_ctrl_c_drains_in_flight_requests_without_tracebacks(tiny_bundle
         server.stop()
     log = (tmp_path / "server.log").read_text()
     assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    assert "starting a new one" not in log
     entries = [json.loads(line) for line in log.splitlines() if line.strip()]
     assert all({"time", "level", "process", "pid", "request_id"} <= set(e) for e in entries)
     processes = {e["process"] for e in entries}
     assert {"MainProcess", "LitServer-0", "LitServer-1"} <= processes
     assert any(e["process"].startswith("supportlens-worker") for e in entries)
     assert any(e["request_id"] == "in-flight-3" for e in entries)
+
+
+def test_service_drains_on_sigterm_right_after_the_group_was_stopped_and_continued(
+    tiny_bundles, tmp_path
+):
+    """A SIGTERM that arrives while the main thread is not yet running again (it was
+    stopped with its group, e.g. a paused container or job control) is delivered to
+    another thread of the main process; it must still start the drain."""
+    intent, _ = tiny_bundles
+    server = ServerProcess(
+        {"SUPPORTLENS_INTENT_BUNDLE": str(intent), "SUPPORTLENS_SUMMARIZER_BUNDLE": "none"},
+        tmp_path / "server.log",
+    ).wait_ready()
+    try:
+        main = psutil.Process(server.process.pid)
+        descendants = main.children(recursive=True)
+        # Only the main thread takes SIGINT and SIGTERM (bits 2 and 15 of SigBlk).
+        unblocked = []
+        for thread in main.threads():
+            status = Path(f"/proc/{main.pid}/task/{thread.id}/status").read_text()
+            blocked = int(status.split("SigBlk:")[1].split()[0], 16)
+            if blocked & 0x4002 != 0x4002:
+                unblocked.append(thread.id)
+        assert unblocked == [main.pid]
+        for _ in range(3):
+            os.killpg(server.process.pid, signal.SIGSTOP)
+            time.sleep(0.5)
+            os.killpg(server.process.pid, signal.SIGCONT)
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        assert server.process.wait(timeout=60) == 0
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        assert alive == [], f"orphaned processes: {[p.cmdline() for p in alive]}"
+    finally:
+        server.stop()
 
 
 def test_service_refuses_a_bundle_of_the_wrong_task_with_one_line(tiny_bundles, tmp_path):

@@ -1,6 +1,7 @@
 """The dispatcher: an idle worker takes everything queued at once; nothing waits for a batch.
 The threads a batch runs with: every core for a lone batch, one share each when all are busy."""
 
+import multiprocessing as mp
 import threading
 import time
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from service.config import Settings
-from service.supervisor import Dispatcher, QueuedRequest, SharedState, Supervisor
+from service.supervisor import Dispatcher, QueuedRequest, RequestPipes, SharedState, Supervisor
 
 pytestmark = pytest.mark.unit
 
@@ -124,3 +125,32 @@ def test_supervisor_keeps_each_share_by_default():
     supervisor = Supervisor(None, SharedState({"/v1/classify": 2}), config)
     supervisor.handles = [SimpleNamespace(base_threads=1, threads=0) for _ in range(2)]
     assert supervisor.threads_for(supervisor.handles[0]) == 1
+
+
+def _http_process(pipes: RequestPipes, producer: int, uids: str) -> None:
+    pipes.keep_only(producer)
+    for uid in uids:
+        pipes.send(producer, queued(uid))
+
+
+def test_request_pipes_bring_each_http_process_requests_in_order_and_end_with_it():
+    pipes = RequestPipes(2)
+    fork = mp.get_context("fork")
+    senders = [
+        fork.Process(target=_http_process, args=(pipes, producer, uids))
+        for producer, uids in enumerate(["abc", "xyz"])
+    ]
+    for sender in senders:
+        sender.start()
+    pipes.close_writers()  # as the main process does once the HTTP processes run
+    received: list[str] = []
+    deadline = time.monotonic() + 10
+    while len(received) < 6 and time.monotonic() < deadline:
+        received += [request.uid for request in pipes.receive(0.5)]
+    for sender in senders:
+        sender.join(10)
+    assert sorted(received) == list("abcxyz")
+    assert [u for u in received if u in "abc"] == list("abc")  # one process's order kept
+    # Both HTTP processes are gone: their pipes read as ended and are dropped, not polled.
+    assert pipes.receive(0.5) == [] and pipes.receive(0.1) == []
+    assert pipes._readers == []

@@ -1,0 +1,55 @@
+"""The main process's signals: SIGTERM and SIGINT start the drain, in the main thread.
+
+Python runs signal handlers in the main thread only, once that thread executes bytecode
+again; the kernel hands a signal sent to the process to any thread that does not block
+it. LitServe's main thread waits in a blocking read (its shutdown event): a SIGTERM
+taken by another thread does not interrupt that read, and the drain never starts. That
+happens, for one, when the signal arrives while the main thread is not yet running
+after a SIGCONT (a paused container, job control). So every thread the main process
+starts blocks both signals (:func:`start_thread`), which leaves the main thread as the
+only one to take them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+from service import litserve_compat as compat
+
+SHUTDOWN_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def install_signal_handlers(get_server) -> None:
+    """SIGTERM and SIGINT in this process start the drain (or exit quietly before the
+    server runs); a forked HTTP process ignores them until uvicorn takes over."""
+    parent = os.getpid()
+
+    def on_signal(signum, frame):
+        if os.getpid() != parent:
+            return  # an HTTP process that inherited this handler: the parent decides
+        server = get_server()
+        if server is None or not compat.shutdown_requested(server):
+            raise SystemExit(128 + signum)  # nothing started yet: nothing to drain
+        server.request_shutdown()
+
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, on_signal)
+
+
+def start_thread(target: Callable[[], object], name: str) -> threading.Thread:
+    """Start a daemon thread that never takes SIGTERM or SIGINT.
+
+    The signals are blocked around ``start()``, so the new thread inherits the mask from
+    its first instruction; one that arrives meanwhile waits and reaches the main thread
+    when the mask is restored.
+    """
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SHUTDOWN_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return thread
