@@ -66,8 +66,18 @@ def run_schemathesis(url: str, report: Path, examples: int = 1200, seed: int = 1
 
 
 def test_service_fuzzed_requests_get_no_5xx_and_match_their_schemas(server, tmp_path):
-    outcome = run_schemathesis(server.url, tmp_path / "events.ndjson")
-    assert outcome["returncode"] == 0, outcome["output"]
-    assert outcome["requests"] >= 1000, outcome["output"]
-    assert not any(status.startswith("5") for status in outcome["statuses"])
-    assert outcome["statuses"].get("200", 0) > 20, json.dumps(outcome["statuses"])
+    # Schemathesis's fuzzing phase sometimes ends after a few hundred cases (seen once in
+    # a full suite run, never alone); further seeds then make up the 1,000 requests, and
+    # every run must pass on its own.
+    requests, statuses = 0, {}
+    for seed in (1, 2, 3):
+        outcome = run_schemathesis(server.url, tmp_path / f"events-{seed}.ndjson", seed=seed)
+        assert outcome["returncode"] == 0, outcome["output"]
+        requests += outcome["requests"]
+        for status, count in outcome["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + count
+        if requests >= 1000:
+            break
+    assert requests >= 1000, outcome["output"]
+    assert not any(status.startswith("5") for status in statuses)
+    assert statuses.get("200", 0) > 20, json.dumps(statuses)
