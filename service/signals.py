@@ -39,6 +39,17 @@ def install_signal_handlers(get_server) -> None:
         signal.signal(signum, on_signal)
 
 
+def ignore_shutdown_signals() -> None:
+    """In a model worker: ignore SIGTERM and SIGINT (the main process stops it).
+
+    A worker inherits the main process's signal mask, which may block them: unblocked
+    here, they are simply ignored.
+    """
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+
+
 def start_thread(target: Callable[[], object], name: str) -> threading.Thread:
     """Start a daemon thread that never takes SIGTERM or SIGINT.
 

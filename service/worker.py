@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from litserve.callbacks import EventTypes
 from litserve.loops import LitLoop, inference_worker
 
 from service.logs import REQUEST_ID, configure_logging
+from service.signals import ignore_shutdown_signals
 
 logger = logging.getLogger(__name__)
 WORKER_NAME = "supportlens-worker"
@@ -39,17 +39,6 @@ HEARTBEAT_S = 0.25
 # drives the shutdown and stops each worker once it has answered what it holds. So a
 # worker ignores both from the moment its interpreter imports this module (the first
 # import of a spawned worker: its target lives here), long before the model is loaded.
-# It inherits the main process's signal mask, which may block them: unblocked here,
-# they are simply ignored.
-SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def ignore_shutdown_signals() -> None:
-    for signum in SHUTDOWN_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
-
-
 if mp.current_process().name.startswith(WORKER_NAME):
     ignore_shutdown_signals()
 
