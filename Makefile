@@ -89,18 +89,19 @@ format: $(BIN)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Every benchmark in turn (about an hour on 2 CPU cores); they read ../shared/data by path
-# and rewrite benchmarks/results/. Faithfulness and serving use the BANKING77 bundle.
+# Every benchmark in turn (a few hours on 2 CPU cores); they read ../shared/data by path
+# and rewrite benchmarks/results/. Faithfulness and serving use the first seed's BANKING77 bundle.
+BANKING77_BUNDLE := runs/banking77/seed-1/bundle
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/banking77.py
-	$(BIN)/python benchmarks/faithfulness.py --bundle runs/banking77/bundle --sample 500
+	$(BIN)/python benchmarks/faithfulness.py --bundle $(BANKING77_BUNDLE) --sample 500
 	$(BIN)/python benchmarks/dialogsum.py --num_train_epochs 2
-	$(BIN)/python benchmarks/serving.py --bundle runs/banking77/bundle
-	$(BIN)/python -m training.export_onnx runs/banking77/bundle --int8
-	$(BIN)/python benchmarks/serving.py --backends --bundle runs/banking77/bundle
-	$(BIN)/python benchmarks/quantization.py --bundle runs/banking77/bundle
-	$(BIN)/python benchmarks/threads.py --bundle runs/banking77/bundle
-	$(BIN)/python benchmarks/padding.py --bundle runs/banking77/bundle
+	$(BIN)/python benchmarks/serving.py --bundle $(BANKING77_BUNDLE)
+	$(BIN)/python -m training.export_onnx $(BANKING77_BUNDLE) --int8
+	$(BIN)/python benchmarks/serving.py --backends --bundle $(BANKING77_BUNDLE)
+	$(BIN)/python benchmarks/quantization.py --bundle $(BANKING77_BUNDLE)
+	$(BIN)/python benchmarks/threads.py --bundle $(BANKING77_BUNDLE)
+	$(BIN)/python benchmarks/padding.py --bundle $(BANKING77_BUNDLE)
 	$(BIN)/python benchmarks/training.py
 
 # The reliability table (benchmarks/results/reliability.md): fuzzing, overload, killed

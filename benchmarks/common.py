@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,3 +77,13 @@ def write_runs(
     atomic_write_text(json_path, json.dumps(results, indent=2) + "\n")
     atomic_write_text(results_dir / f"{name}.md", markdown)
     return markdown
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, min and max, rounded to 2 decimals."""
+    return {
+        "mean": round(statistics.mean(values), 2),
+        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+        "min": round(min(values), 2),
+        "max": round(max(values), 2),
+    }

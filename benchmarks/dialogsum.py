@@ -35,7 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import hardware, machine, write_runs  # noqa: E402
+from benchmarks.common import hardware, machine, spread, write_runs  # noqa: E402
 
 # Measured on the whole dev.jsonl (shared data README): LEAD-3 and a 3-turn greedy oracle.
 REFERENCE = {"lead3": (28.4, 7.8, 21.5), "oracle": (43.9, 19.2, 35.5)}
@@ -59,16 +59,6 @@ def fold_splits(count: int, folds: int, validation: int, seed: int) -> list[dict
             raise ValueError(f"validation slice {validation} does not fit {len(rest)} rows")
         splits.append({"train": rest[validation:], "validation": rest[:validation], "test": test})
     return splits
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation, min and max, rounded to 2 decimals."""
-    return {
-        "mean": round(statistics.mean(values), 2),
-        "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-        "min": round(min(values), 2),
-        "max": round(max(values), 2),
-    }
 
 
 def describe_training(training: dict) -> str:

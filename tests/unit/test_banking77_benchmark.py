@@ -1,0 +1,58 @@
+"""The BANKING77 result table of benchmarks/banking77.py: seeds, their mean and spread."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.banking77 import SUMMARY, render_markdown
+from benchmarks.common import spread
+
+pytestmark = pytest.mark.unit
+
+MACHINE = {
+    "cpu": "Some CPU",
+    "cpu_count": 2,
+    "torch_threads": 2,
+    "torch": "2",
+    "transformers": "5",
+    "python": "3.11",
+    "load_average_at_start": [0.1, 0.2, 0.3],
+}
+
+
+def seed(number: int, accuracy: float) -> dict:
+    metrics = dict.fromkeys(SUMMARY, 1.0)
+    metrics.update(accuracy=accuracy, oos_threshold=0.5, oos_rejected_rate=3.0)
+    return {"seed": number, "metrics": metrics, "epochs": 6.0}
+
+
+def test_banking77_table_lists_every_seed_and_their_mean_and_spread():
+    seeds = [seed(1, 93.0), seed(2, 94.0), seed(3, 95.0)]
+    run = {
+        "seeds": seeds,
+        "summary": {k: spread([s["metrics"][k] for s in seeds]) for k in SUMMARY},
+        "machine": MACHINE,
+        "command": "python benchmarks/banking77.py",
+        "recipe": "r.yaml",
+        "overrides": [],
+    }
+    markdown = render_markdown({"runs": {"cpu": run}})
+    rows = [line for line in markdown.splitlines() if line.startswith("| cpu (2 CPU cores)")]
+    assert [row.split(" | ")[1] for row in rows] == ["1", "2", "3", "mean ± spread"]
+    assert "**94.00 ± 1.00**" in rows[-1]
+    assert "load average at start [0.1, 0.2, 0.3]" in markdown
+
+
+def test_banking77_table_still_renders_a_single_run_stored_before_seeds():
+    old = {
+        "metrics": {**dict.fromkeys(SUMMARY, 2.0), "oos_threshold": 0.5, "oos_rejected_rate": 3.0},
+        "wall_time_s": 600.0,
+        "epochs": 6.0,
+        "machine": {**MACHINE, "gpu": "A GPU"},
+        "command": "python benchmarks/banking77.py",
+        "recipe": "r.yaml",
+        "overrides": [],
+    }
+    markdown = render_markdown({"runs": {"cuda": old}})
+    (row,) = [line for line in markdown.splitlines() if line.startswith("| cuda (A GPU)")]
+    assert "| 42 | 2.00 |" in row and "10.0 min" in row
