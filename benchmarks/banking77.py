@@ -127,11 +127,7 @@ def render_markdown(results: dict) -> str:
             f"- machine: {mach['cpu']}, {mach['cpu_count']} CPU cores available "
             f"({mach['torch_threads']} torch threads)"
             + (f", GPU {mach['gpu']}" if mach.get("gpu") else "")
-            + (
-                f"; load average at start {mach['load_average_at_start']}"
-                if "load_average_at_start" in mach
-                else ""
-            ),
+            + f"; load average at start {mach['load_average_at_start']}",
             f"- versions: Python {mach['python']}, torch {mach['torch']}, "
             f"transformers {mach['transformers']}",
             f"- command (from the repository root): `{run['command']}`",
