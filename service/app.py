@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
@@ -80,6 +81,27 @@ class ApiError(Exception):
         self.status, self.detail, self.field, self.headers = status, detail, field, headers
 
 
+def first_to_exit(
+    processes: list[mp.process.BaseProcess], stopping: Callable[[], bool]
+) -> mp.process.BaseProcess | None:
+    """The first of ``processes`` to exit, reaped so that its ``exitcode`` is set; None
+    once ``stopping()`` is true.
+
+    A process's sentinel is ready as soon as the kernel closes its files, a moment before
+    the process can be waited for: ``exitcode`` read right then is still None, hence
+    the join.
+    """
+    sentinels = {process.sentinel: process for process in processes}
+    while sentinels and not stopping():
+        for sentinel in mp_wait(list(sentinels), timeout=0.25):
+            process = sentinels.pop(sentinel)
+            if stopping():
+                return None
+            process.join(5)
+            return process
+    return None
+
+
 class SupportLensServer(compat.LitServerHooks):
     """LitServer with supervised workers (:mod:`service.supervisor`) and a drain.
 
@@ -130,21 +152,17 @@ class SupportLensServer(compat.LitServerHooks):
         alive; so the other HTTP processes drain and the server exits for its supervisor
         (Kubernetes, systemd) to start it again whole.
         """
-        sentinels = {process.sentinel: process for process in processes}
-        while sentinels and not self.shared.stopping.value:
-            for sentinel in mp_wait(list(sentinels), timeout=0.25):
-                process = sentinels.pop(sentinel)
-                if self.shared.stopping.value:
-                    return  # the shutdown stops them
-                logger.error(
-                    "HTTP process %s (pid %s) exited with code %s; stopping the server",
-                    process.name,
-                    process.pid,
-                    process.exitcode,
-                )
-                self.exit_code = 1
-                self.request_shutdown()
-                return
+        process = first_to_exit(processes, lambda: bool(self.shared.stopping.value))
+        if process is None:
+            return  # the shutdown stops them
+        logger.error(
+            "HTTP process %s (pid %s) exited with code %s; stopping the server",
+            process.name,
+            process.pid,
+            process.exitcode,
+        )
+        self.exit_code = 1
+        self.request_shutdown()
 
     def request_shutdown(self) -> None:
         """Start the drain (once); safe to call from a signal handler."""
