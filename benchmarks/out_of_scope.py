@@ -26,7 +26,6 @@ import csv
 import os
 import random
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import hardware, machine, write_runs  # noqa: E402
+from benchmarks.common import hardware, machine, spread, write_runs  # noqa: E402
 
 OOS_LABEL = "__out_of_scope__"
 METHODS = ("max_prob", "mahalanobis", "knn")
@@ -116,24 +115,17 @@ def summarise(report: dict) -> dict:
     }
 
 
-def mean_spread(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": round(statistics.fmean(values), 2),
-        "spread": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
-    }
-
-
 def aggregate(draws: list[dict]) -> dict:
     """Mean and sample standard deviation over the draws of every reported figure."""
     keys = ("in_scope_accuracy", "in_scope_accuracy_with_rule", "oos_recall", "oos_precision")
-    summary = {key: mean_spread([d[key] for d in draws]) for key in keys}
-    summary["cost"] = mean_spread(
+    summary = {key: spread([d[key] for d in draws]) for key in keys}
+    summary["cost"] = spread(
         [d["in_scope_accuracy"] - d["in_scope_accuracy_with_rule"] for d in draws]
     )
-    summary["wall_time_s"] = mean_spread([d["wall_time_s"] for d in draws])
+    summary["wall_time_s"] = spread([d["wall_time_s"] for d in draws])
     summary["detectors"] = {
         method: {
-            key: mean_spread([d["detectors"][method][key] for d in draws])
+            key: spread([d["detectors"][method][key] for d in draws])
             for key in draws[0]["detectors"][method]
         }
         for method in draws[0]["detectors"]
@@ -142,7 +134,7 @@ def aggregate(draws: list[dict]) -> dict:
 
 
 def _ms(figure: dict[str, float]) -> str:
-    return f"{figure['mean']:.2f} ± {figure['spread']:.2f}"
+    return f"{figure['mean']:.2f} ± {figure['std']:.2f}"
 
 
 def render_markdown(results: dict) -> str:

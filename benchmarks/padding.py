@@ -8,7 +8,7 @@ pass padded to the batch's longest message and once in the predictor's length gr
 message, the passes per batch, and how far the grouped outputs are from the padded ones
 (largest logit difference, labels that differ).
 
-    python benchmarks/padding.py --bundle runs/banking77/bundle
+    python benchmarks/padding.py --bundle runs/banking77/seed-1/bundle
 
 Results: ``benchmarks/results/padding.md`` / ``.json``.
 """
@@ -32,7 +32,7 @@ from benchmarks.serving import load_texts  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", default="runs/banking77/bundle")
+    parser.add_argument("--bundle", default="runs/banking77/seed-1/bundle")
     parser.add_argument("--data", default="../shared/data/banking77/test.csv")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--messages", type=int, default=960, help="messages per cell")

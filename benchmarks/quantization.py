@@ -7,7 +7,7 @@ BANKING77 test file: accuracy, the change against PyTorch, ECE after the bundle'
 temperature, and how often the label differs from PyTorch's. The bundle itself is not
 changed (everything happens in a temporary copy of its graphs).
 
-    python benchmarks/quantization.py --bundle runs/banking77/bundle
+    python benchmarks/quantization.py --bundle runs/banking77/seed-1/bundle
 
 Results: ``benchmarks/results/quantization.md`` / ``.json``.
 """
@@ -50,7 +50,7 @@ VARIANTS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--bundle", default="runs/banking77/bundle")
+    parser.add_argument("--bundle", default="runs/banking77/seed-1/bundle")
     parser.add_argument("--data", default="../shared/data/banking77/test.csv")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--note", default="")

@@ -23,7 +23,7 @@ and ``.json`` with the machine description and the command, kept per device kind
 GPU run adds a section next to the CPU one). The server runs with its default
 settings, so the figures are what ``make serve`` gives on the same machine.
 
-    python benchmarks/serving.py --bundle runs/banking77/bundle
+    python benchmarks/serving.py --bundle runs/banking77/seed-1/bundle
     python benchmarks/serving.py --bundle runs/demo-intent/bundle --quick   # ~4 minutes
     python benchmarks/serving.py --random-init --api-servers 2   # no trained bundle at hand
 
@@ -36,7 +36,7 @@ temperature) of each on the BANKING77 test file; and the server with the ONNX ba
 (``SUPPORTLENS_BACKEND=onnx``, ``--fast-precision``) next to its own raw limit and the
 PyTorch server:
 
-    python benchmarks/serving.py --backends --bundle runs/banking77/bundle --quick
+    python benchmarks/serving.py --backends --bundle runs/banking77/seed-1/bundle --quick
 """
 
 from __future__ import annotations

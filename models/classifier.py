@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
+from models.packing import packed_hidden_states
 from models.pooling import MaskedAttentionPooling, PoolingConfig
 
 
@@ -153,8 +154,7 @@ class IntentClassifier(SupportLensPreTrainedModel):
             mask = self.pooling_mask(input_ids, attention_mask)  # (B, T)
         else:
             mask = pooling_mask.to(torch.bool)  # (B, T)
-        pooled, weights = self.pooling(encoded.last_hidden_state, mask)  # (B, N*H), (B, N, T)
-        logits = self.head(self.dropout(pooled))  # (B, C)
+        logits, pooled, weights = self.classify(encoded.last_hidden_state, mask)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(
@@ -168,3 +168,26 @@ class IntentClassifier(SupportLensPreTrainedModel):
             attentions=encoded.attentions if output_attentions else None,
             pooled=pooled if output_pooled else None,
         )
+
+    def classify(
+        self, hidden_states: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Pooling and head on the encoder's states ``(B, T, H)`` over ``mask`` ``(B, T)``:
+        logits (B, C), pooled features (B, N*H) and pooling weights (B, N, T)."""
+        pooled, weights = self.pooling(hidden_states, mask)  # (B, N*H), (B, N, T)
+        logits = self.head(self.dropout(pooled))  # (B, C)
+        return logits, pooled, weights
+
+    def forward_packed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        output_pooled: bool = False,
+    ) -> ClassifierOutput:
+        """:meth:`forward`'s logits (and pooled features) for a padded batch, with the
+        texts packed into few rows (:mod:`models.packing`): one pass and almost no
+        padding for many short texts of mixed lengths. Needs ``can_pack(self.encoder)``."""
+        hidden = packed_hidden_states(self.encoder, input_ids, attention_mask, token_type_ids)
+        logits, pooled, _ = self.classify(hidden, self.pooling_mask(input_ids, attention_mask))
+        return ClassifierOutput(logits=logits, pooled=pooled if output_pooled else None)

@@ -11,6 +11,7 @@ from transformers import BatchEncoding
 
 from models.bundle import Bundle
 from models.classifier import ClassifierOutput
+from models.packing import can_pack
 from models.tokenization import encode_texts
 
 OUT_OF_SCOPE = "out_of_scope"
@@ -217,6 +218,18 @@ class IntentPredictor:
             pooling_weights=torch.cat(weights)[inverse] if output_pooling_weights else None,
             pooled=torch.cat(pooled)[inverse] if self.needs_features else None,
         )
+
+    @torch.inference_mode()
+    def calibrated(self, texts: list[str]) -> torch.Tensor:
+        """Calibrated probabilities ``(N, C)`` of many texts, tokenized as :meth:`encode`
+        does and scored in one pass with the texts packed (:mod:`models.packing`) where the
+        PyTorch model runs and its encoder allows; else as :meth:`forward` scores them.
+        What per-request faithfulness scores its perturbed texts with."""
+        encoding, _ = self.encode(texts)
+        if self.runner is not self.model or not can_pack(self.model.encoder):
+            return self.probabilities(self.forward(encoding).logits)
+        inputs = self.model_inputs(encoding)
+        return self.probabilities(self.model.forward_packed(**inputs).logits)
 
     def predict(self, texts: list[str], top_k: int = 3) -> list[Prediction]:
         """Predict intents for a batch of texts, in order."""

@@ -43,12 +43,13 @@ class Refusal(Exception):
     field: str | None = None
 
 
-def faithfulness_passes(methods: list[str], enabled: bool) -> int:
+def faithfulness_passes(methods: list[str], enabled: bool, *, text: bool = False) -> int:
     """Passes that ``"faithfulness": true`` adds for ``methods``: two perturbed texts per bin
-    per method, and the text itself (none without a method to measure)."""
+    per method, plus the text itself when ``text`` (its scores not otherwise known); none
+    without a method to measure."""
     if not enabled or not methods:
         return 0
-    return 1 + 2 * len(DEFAULT_BINS) * len(methods)
+    return int(text) + 2 * len(DEFAULT_BINS) * len(methods)
 
 
 def method_passes(method: str, tokens: int, ig_steps: int) -> int:
@@ -180,6 +181,8 @@ class SummarizeAdmission:
                 + (sentences if m == "occlusion" else 0)
                 for m in methods
             )
-            cost += count * (passes + faithfulness_passes(methods, faithfulness))
+            # Summary occlusion scores the conversation itself; otherwise faithfulness does.
+            extra = faithfulness_passes(methods, faithfulness, text="occlusion" not in methods)
+            cost += count * (passes + extra)
         if cost > self.settings.max_request_cost:
             raise _over_budget(cost, self.settings.max_request_cost)

@@ -133,12 +133,6 @@ class ClassifyAPI(ls.LitAPI):
         index = self.predictor.labels.index(item.target)
         return [index] * logits.shape[0], [None] * logits.shape[0]
 
-    def calibrated_probabilities(self, texts: list[str]) -> torch.Tensor:
-        """Calibrated probabilities ``(N, C)`` of many texts in one batched forward,
-        tokenized and scored exactly as a prediction."""
-        encoding, _ = self.predictor.encode(texts)
-        return self.predictor.probabilities(self.predictor.forward(encoding).logits)
-
     def predict(self, batch: ClassifyBatch) -> list[list[dict[str, Any]]]:
         from models.explanations import ExplanationError
 
@@ -190,7 +184,16 @@ class ClassifyAPI(ls.LitAPI):
                     for found, explanations in zip(per_text, explained, strict=True):
                         found.update(explanations)
                 if item.faithfulness and item.explain:
-                    self.explainer.faithfulness(item.texts, per_text, self.calibrated_probabilities)
+                    # The texts' own probabilities are the prediction's: only the
+                    # perturbed texts need a forward pass.
+                    self.explainer.faithfulness(
+                        item.texts,
+                        per_text,
+                        self.predictor.calibrated,
+                        originals=self.predictor.probabilities(
+                            output.logits[rows.start : rows.stop]
+                        ),
+                    )
             except ExplanationError as error:
                 raise HTTPException(422, f"texts: {error}") from None
             # Keep the requested order of methods in the answer.

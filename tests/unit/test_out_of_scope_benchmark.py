@@ -42,6 +42,11 @@ def test_aggregate_reports_mean_and_sample_spread():
         for acc, auroc in ((92.0, 96.0), (94.0, 98.0))
     ]
     summary = aggregate(draws)
-    assert summary["in_scope_accuracy"] == {"mean": 93.0, "spread": 1.41}
-    assert summary["cost"] == {"mean": 1.0, "spread": 0.0}
-    assert summary["detectors"]["knn"]["auroc"] == {"mean": 97.0, "spread": 1.41}
+    assert summary["in_scope_accuracy"] == {"mean": 93.0, "std": 1.41, "min": 92.0, "max": 94.0}
+    assert summary["cost"] == {"mean": 1.0, "std": 0.0, "min": 1.0, "max": 1.0}
+    assert summary["detectors"]["knn"]["auroc"] == {
+        "mean": 97.0,
+        "std": 1.41,
+        "min": 96.0,
+        "max": 98.0,
+    }

@@ -121,3 +121,35 @@ def test_forward_of_mixed_lengths_runs_groups_and_returns_the_padded_pass_output
     assert [p.label for p in predictor.predict(texts)] == [
         predictor.labels[i] for i in whole.logits.argmax(-1).tolist()
     ]
+
+
+def test_calibrated_packs_the_texts_and_matches_a_padded_forward(predictor, monkeypatch):
+    texts = ["card", "one two three", "why was I charged twice", "top up", "one two three"]
+    encoding, _ = predictor.encode(texts)
+    expected = predictor.probabilities(predictor.forward(encoding).logits)
+    packed = []
+    forward_packed = type(predictor.model).forward_packed
+
+    def recording(self, *args, **kwargs):
+        packed.append(kwargs["input_ids"].shape)
+        return forward_packed(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(predictor.model), "forward_packed", recording)
+    torch.testing.assert_close(predictor.calibrated(texts), expected, atol=1e-5, rtol=1e-4)
+    assert packed == [encoding["input_ids"].shape]
+
+
+def test_calibrated_uses_the_runner_when_it_is_not_the_pytorch_model(predictor, monkeypatch):
+    model = predictor.model
+    calls = []
+
+    def runner(**kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return model(**kwargs)
+
+    monkeypatch.setattr(predictor, "runner", runner)
+    monkeypatch.setattr(
+        type(model), "forward_packed", lambda *a, **k: pytest.fail("packed with a runner")
+    )
+    assert predictor.calibrated(["card", "top up"]).shape == (2, 3)
+    assert sum(calls) == 2

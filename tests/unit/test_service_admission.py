@@ -109,9 +109,10 @@ def test_admission_summarize_budget_counts_gradient_passes():
 
 def test_admission_counts_faithfulness_variants_per_method():
     admission, _ = classify(Settings(ig_steps=8))
-    # 4 tokens: prediction 1 + occlusion 4, and faithfulness: the text + 2 x 5 bins per method.
-    assert admission.cost([4], ["occlusion"], faithfulness=True) == 4 * (1 + 4 + 1 + 10)
-    assert admission.cost([4], ["attention", "occlusion"], True) == 4 * (1 + 4 + 1 + 20)
+    # 4 tokens: prediction 1 + occlusion 4, and faithfulness: 2 x 5 bins per method (the
+    # text's own probabilities are the prediction's).
+    assert admission.cost([4], ["occlusion"], faithfulness=True) == 4 * (1 + 4 + 10)
+    assert admission.cost([4], ["attention", "occlusion"], True) == 4 * (1 + 4 + 20)
     assert admission.cost([4], [], faithfulness=True) == 4  # nothing to measure
     tight, _ = classify(Settings(max_request_cost=4 * (1 + 4)), max_length=64)
     run(tight.check(["one two"], 3, ["occlusion"]))
@@ -143,7 +144,13 @@ def test_admission_summary_occlusion_counts_a_pass_per_word_and_per_sentence():
         run(admission.check([text], ["occlusion"]))
     admission.settings = Settings(max_request_cost=6 * (1 + 6 + 3))
     run(admission.check([text], ["occlusion"]))
-    with pytest.raises(Refusal):  # the selection's faithfulness: 1 + 2 x 5 bins more
+    with pytest.raises(Refusal):  # the selection's faithfulness: 2 x 5 bins more
         run(admission.check([text], ["occlusion"], faithfulness=True))
-    admission.settings = Settings(max_request_cost=6 * (1 + 6 + 3 + 11))
+    admission.settings = Settings(max_request_cost=6 * (1 + 6 + 3 + 10))
     run(admission.check([text], ["occlusion"], faithfulness=True))
+    # Without occlusion the conversation itself is scored again: one pass more.
+    admission.settings = Settings(max_request_cost=6 * (1 + 2 + 10))
+    with pytest.raises(Refusal):
+        run(admission.check([text], ["gradient_x_input"], faithfulness=True))
+    admission.settings = Settings(max_request_cost=6 * (1 + 2 + 11))
+    run(admission.check([text], ["gradient_x_input"], faithfulness=True))
