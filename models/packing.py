@@ -69,7 +69,8 @@ def packed_hidden_states(
     lengths = mask.sum(dim=-1).tolist()  # (B,)
     total = sum(lengths)
     # As many rows as ROW_TOKENS needs, filled evenly: little padding in the last row.
-    rows = pack_rows(lengths, max(max(lengths), math.ceil(total / math.ceil(total / ROW_TOKENS))))
+    needed = max(1, math.ceil(total / ROW_TOKENS))
+    rows = pack_rows(lengths, max(max(lengths), math.ceil(total / needed)))
     width = max(sum(lengths[i] for i in row) for row in rows)
     device = input_ids.device
     # Where each real token goes: (row, column) of the packed batch, in the order of

@@ -225,6 +225,8 @@ class IntentPredictor:
         does and scored in one pass with the texts packed (:mod:`models.packing`) where the
         PyTorch model runs and its encoder allows; else as :meth:`forward` scores them.
         What per-request faithfulness scores its perturbed texts with."""
+        if not texts:
+            return torch.zeros(0, len(self.labels), device=self.device)
         encoding, _ = self.encode(texts)
         if self.runner is not self.model or not can_pack(self.model.encoder):
             return self.probabilities(self.forward(encoding).logits)

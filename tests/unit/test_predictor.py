@@ -137,6 +137,7 @@ def test_calibrated_packs_the_texts_and_matches_a_padded_forward(predictor, monk
     monkeypatch.setattr(type(predictor.model), "forward_packed", recording)
     torch.testing.assert_close(predictor.calibrated(texts), expected, atol=1e-5, rtol=1e-4)
     assert packed == [encoding["input_ids"].shape]
+    assert predictor.calibrated([]).shape == (0, 3)
 
 
 def test_calibrated_uses_the_runner_when_it_is_not_the_pytorch_model(predictor, monkeypatch):
