@@ -91,12 +91,11 @@ def first_to_exit(
     the process can be waited for: ``exitcode`` read right then is still None, hence
     the join.
     """
-    sentinels = {process.sentinel: process for process in processes}
-    while sentinels and not stopping():
-        for sentinel in mp_wait(list(sentinels), timeout=0.25):
-            process = sentinels.pop(sentinel)
-            if stopping():
-                return None
+    by_sentinel = {process.sentinel: process for process in processes}
+    while by_sentinel and not stopping():
+        ready = mp_wait(list(by_sentinel), timeout=0.25)
+        if ready and not stopping():
+            process = by_sentinel[ready[0]]
             process.join(5)
             return process
     return None
