@@ -22,6 +22,10 @@ OUT_OF_SCOPE = "out_of_scope"
 # 32 more tokens do), 14 for ONNX Runtime fp32 and 6 for int8. :func:`length_groups`
 # weighs padding against it; benchmarks/results/padding.md measures what that saves.
 PASS_TOKENS = {"torch": 32, "onnx-fp32": 14, "onnx-int8": 6}
+# Precisions in which :meth:`IntentPredictor.calibrated` may score many texts (the
+# perturbed texts of per-request faithfulness); "auto" is bf16 where the CPU multiplies
+# bfloat16 natively, else fp32.
+VARIANT_PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def length_groups(lengths: list[int], pass_tokens: float) -> list[list[int]]:
@@ -58,6 +62,27 @@ class Prediction:
     ood_score: float = 0.0
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run natively on ``device``: on CPU, AVX512-BF16 or
+    AMX (where oneDNN runs them about twice as fast as fp32; elsewhere they are emulated,
+    and slower). Off the CPU: False (there fp32 is fast already and the choice is left
+    alone). torch has no public query for it; ``torch.cpu._is_*_supported`` are its own
+    checks (tests/unit/test_predictor.py fails loudly if they go away)."""
+    if device.type != "cpu":
+        return False
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def variant_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of :data:`VARIANT_PRECISIONS` ``precision`` on ``device``."""
+    if precision not in VARIANT_PRECISIONS:
+        choices = ", ".join(VARIANT_PRECISIONS)
+        raise ValueError(f"precision must be one of {choices}, not {precision!r}")
+    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+        return torch.bfloat16
+    return torch.float32
+
+
 def pass_tokens(runner, device: torch.device) -> float:
     """:data:`PASS_TOKENS` of ``runner`` (its ``backend`` name; a PyTorch model has none);
     infinite off the CPU."""
@@ -74,7 +99,14 @@ class IntentPredictor:
     PyTorch model, which explanations that need gradients use.
     """
 
-    def __init__(self, bundle: Bundle, max_length: int | None = None, *, runner=None):
+    def __init__(
+        self,
+        bundle: Bundle,
+        max_length: int | None = None,
+        *,
+        runner=None,
+        variant_precision: str = "auto",
+    ):
         if bundle.task != "intent-classification":
             raise ValueError(
                 f"bundle {bundle.path} holds a {bundle.task!r} model, not an intent classifier"
@@ -88,6 +120,7 @@ class IntentPredictor:
         self.threshold = float(bundle.calibration.get("oos_threshold", 0.0))
         self.detector = bundle.detector
         self.pass_tokens = pass_tokens(self.runner, self.device)
+        self.variant_dtype = variant_dtype(variant_precision, self.device)
         limit = getattr(self.model.config.encoder, "max_position_embeddings", None) or 512
         self.max_length = min(max_length or int(bundle.training.get("max_length", 128)), limit)
 
@@ -224,14 +257,22 @@ class IntentPredictor:
         """Calibrated probabilities ``(N, C)`` of many texts, tokenized as :meth:`encode`
         does and scored in one pass with the texts packed (:mod:`models.packing`) where the
         PyTorch model runs and its encoder allows; else as :meth:`forward` scores them.
-        What per-request faithfulness scores its perturbed texts with."""
+        What per-request faithfulness scores its perturbed texts with.
+
+        The packed pass runs in :attr:`variant_dtype`: with bfloat16 (autocast: matrix
+        products in bf16, normalisation and softmax in fp32) it costs about 0.6x the fp32
+        pass on a CPU with native bf16, and the probabilities move by about 1e-3
+        (``benchmarks/results/faithfulness.md`` measures both on the trained model)."""
         if not texts:
             return torch.zeros(0, len(self.labels), device=self.device)
         encoding, _ = self.encode(texts)
         if self.runner is not self.model or not can_pack(self.model.encoder):
             return self.probabilities(self.forward(encoding).logits)
         inputs = self.model_inputs(encoding)
-        return self.probabilities(self.model.forward_packed(**inputs).logits)
+        reduced = self.variant_dtype != torch.float32
+        with torch.autocast(self.device.type, dtype=self.variant_dtype, enabled=reduced):
+            logits = self.model.forward_packed(**inputs).logits  # (N, C)
+        return self.probabilities(logits)
 
     def predict(self, texts: list[str], top_k: int = 3) -> list[Prediction]:
         """Predict intents for a batch of texts, in order."""

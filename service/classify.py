@@ -92,7 +92,9 @@ class ClassifyAPI(ls.LitAPI):
             from models.onnx_backend import onnx_runner
 
             runner = onnx_runner(bundle, self.settings.onnx_precision, threads)
-        self.predictor = IntentPredictor(bundle, runner=runner)
+        self.predictor = IntentPredictor(
+            bundle, runner=runner, variant_precision=self.settings.faithfulness_precision
+        )
         self.explainer = Explainer(
             bundle.model,
             bundle.tokenizer,

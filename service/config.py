@@ -24,6 +24,10 @@ LOG_FORMATS = ("text", "json")
 # ONNX graph (``supportlens-export-onnx``) in SUPPORTLENS_ONNX_PRECISION.
 BACKENDS = ("torch", "onnx")
 ONNX_PRECISIONS = ("fp32", "int8")
+# The arithmetic that scores the perturbed texts of `"faithfulness": true`
+# (models.predictor.VARIANT_PRECISIONS): "auto" is bf16 on a CPU that computes it
+# natively, fp32 elsewhere.
+FAITHFULNESS_PRECISIONS = ("auto", "bf16", "fp32")
 MAX_AUTO_WORKERS = 4
 # Explanation methods cheap enough to run inside a plain prediction batch.
 CHEAP_METHODS = frozenset({"attention"})
@@ -85,6 +89,7 @@ class Settings:
     log_format: str = "text"
     default_attribution: str = DEFAULT_ATTRIBUTION
     ig_steps: int = 32
+    faithfulness_precision: str = "auto"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -168,6 +173,11 @@ class Settings:
             raise ConfigError(
                 f"SUPPORTLENS_ONNX_PRECISION must be one of {', '.join(ONNX_PRECISIONS)}, "
                 f"got {self.onnx_precision!r}"
+            )
+        if self.faithfulness_precision not in FAITHFULNESS_PRECISIONS:
+            raise ConfigError(
+                "SUPPORTLENS_FAITHFULNESS_PRECISION must be one of "
+                f"{', '.join(FAITHFULNESS_PRECISIONS)}, got {self.faithfulness_precision!r}"
             )
         if self.backend == "onnx" and self.device == "cuda":
             raise ConfigError(

@@ -162,7 +162,9 @@ API_KEY = "test-key-0123456789"
 # The main test server: an API key, small limits (so 413/429/504 are quick to
 # provoke), two HTTP processes (so metrics and limits must be shared) and two
 # single-threaded classify workers with adaptive threads (so a lone request borrows
-# the idle one's core).
+# the idle one's core). Perturbed texts are scored in fp32 whatever the CPU, so that
+# per-request faithfulness can be recomputed exactly through the API's own predictions
+# (bf16 scoring is compared with fp32 in tests/integration/test_service_classify_api.py).
 SERVER_ENV = {
     "SUPPORTLENS_API_KEY": API_KEY,
     "SUPPORTLENS_API_SERVERS": "2",
@@ -176,6 +178,7 @@ SERVER_ENV = {
     "SUPPORTLENS_MAX_REQUEST_COST": "5000",
     "SUPPORTLENS_MAX_CONVERSATION_TOKENS": "300",
     "SUPPORTLENS_LOG_LEVEL": "info",
+    "SUPPORTLENS_FAITHFULNESS_PRECISION": "fp32",
 }
 
 

@@ -249,8 +249,12 @@ def test_faithfulness_of_a_random_method_is_near_the_random_baseline(explainer):
     assert sum(row["keywords"].faithfulness.sufficiency for row in rows) < random_sufficiency
 
 
-def test_faithfulness_benchmark_reports_naopc_distribution_and_cost(explainer, tmp_path):
-    """The benchmark script end to end on a tiny model: every figure the table quotes."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_faithfulness_benchmark_reports_naopc_distribution_and_cost(
+    explainer, tmp_path, precision
+):
+    """The benchmark script end to end on a tiny model: every figure the table quotes,
+    with the service's perturbed texts scored in each precision."""
     import json as json_module
 
     from benchmarks.faithfulness import main
@@ -272,10 +276,18 @@ def test_faithfulness_benchmark_reports_naopc_distribution_and_cost(explainer, t
     )
     output = tmp_path / "result"
     argv = ["--bundle", str(bundle), "--data", str(data), "--sample", "4", "--ig-steps", "2"]
-    assert main([*argv, "--random-orderings", "2", "--output", str(output)]) == 0
+    argv += ["--faithfulness-precision", precision, "--random-orderings", "2"]
+    assert main([*argv, "--output", str(output)]) == 0
     report = json_module.loads(output.with_suffix(".json").read_text())
     assert report["messages"] == 4 and report["bundle"]["temperature"] == 1.5
-    assert report["service_equals_benchmark_max_abs_difference"] < 1e-4
+    assert report["faithfulness_precision"] == precision
+    gap = report["service_vs_benchmark_abs_difference"]
+    if precision == "fp32":  # the same functions: equal up to batching noise
+        assert gap["max"] < 1e-4
+    else:  # bf16 rounding, measured against the benchmark's fp32 values
+        assert 0 < gap["mean"] <= gap["max"] < 2e-2
+        assert report["methods"]["occlusion"]["faithfulness_fp32_cost_ratio"] > 0
+        assert report["faithfulness_all_methods"]["fp32_cost_ratio_per_method"] > 0
     for method in ("attention", "occlusion", "random"):
         entry = report["methods"][method]
         assert -0.5 <= entry["naopc_comprehensiveness"] <= 1.0 + 1e-9
@@ -285,4 +297,5 @@ def test_faithfulness_benchmark_reports_naopc_distribution_and_cost(explainer, t
     assert occlusion["faithfulness_cost_ratio"] > 0
     assert report["faithfulness_all_methods"]["cost_ratio_per_method"] > 0
     table = output.with_suffix(".md").read_text()
-    assert "NAOPC" in table and "`faithfulness: true`" in table
+    assert "NAOPC" in table and f"`faithfulness: true` ({precision})" in table
+    assert ("fp32, median × predict" in table) == (precision == "bf16")

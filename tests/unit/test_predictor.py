@@ -8,13 +8,13 @@ import torch
 from models.backbone import load_backbone
 from models.bundle import load_bundle, save_bundle
 from models.classifier import ClassifierConfig, IntentClassifier
-from models.predictor import IntentPredictor
+from models.predictor import IntentPredictor, native_bf16, variant_dtype
 
 pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
-def predictor(tiny_backbone, tmp_path_factory):
+def bundle_path(tiny_backbone, tmp_path_factory):
     encoder, tokenizer = load_backbone(str(tiny_backbone))
     torch.manual_seed(0)
     model = IntentClassifier(
@@ -29,7 +29,13 @@ def predictor(tiny_backbone, tmp_path_factory):
         calibration={"temperature": 1.0, "oos_threshold": 0.0},
         training={"max_length": 8},
     )
-    return IntentPredictor(load_bundle(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor(bundle_path):
+    # fp32 perturbed-text scoring whatever the CPU: the tests below compare it exactly.
+    return IntentPredictor(load_bundle(bundle_path), variant_precision="fp32")
 
 
 def test_encode_tokenizes_once_and_tells_truncation(predictor, monkeypatch):
@@ -138,6 +144,51 @@ def test_calibrated_packs_the_texts_and_matches_a_padded_forward(predictor, monk
     torch.testing.assert_close(predictor.calibrated(texts), expected, atol=1e-5, rtol=1e-4)
     assert packed == [encoding["input_ids"].shape]
     assert predictor.calibrated([]).shape == (0, 3)
+
+
+def test_calibrated_scores_in_bf16_when_asked_and_stays_close_to_fp32(predictor, bundle_path):
+    texts = ["card", "one two three", "why was I charged twice", "top up"]
+    reduced = IntentPredictor(load_bundle(bundle_path), variant_precision="bf16")
+    seen = []
+    linear = next(m for m in reduced.model.encoder.modules() if isinstance(m, torch.nn.Linear))
+    hook = linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    try:
+        probabilities = reduced.calibrated(texts)
+    finally:
+        hook.remove()
+    assert seen == [torch.bfloat16]  # the packed pass's matrix products ran in bf16
+    assert probabilities.dtype == torch.float32
+    exact = predictor.calibrated(texts)
+    assert not torch.equal(probabilities, exact)
+    torch.testing.assert_close(probabilities, exact, atol=2e-2, rtol=0)
+    # The plain prediction path keeps full precision.
+    encoding, _ = reduced.encode(texts)
+    assert reduced.forward(encoding).logits.dtype == torch.float32
+
+
+def test_variant_dtype_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for avx512, amx, expected in [
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+        (False, False, torch.float32),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert variant_dtype("auto", cpu) == expected
+        assert variant_dtype("fp32", cpu) == torch.float32
+        assert variant_dtype("bf16", cpu) == torch.bfloat16
+    assert variant_dtype("auto", cuda) == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
+        variant_dtype("fp16", cpu)
+
+
+def test_torch_still_has_the_private_bf16_checks_native_bf16_reads():
+    # native_bf16 reads torch.cpu's private _is_avx512_bf16_supported and
+    # _is_amx_tile_supported (no public query exists): fail loudly if an upgrade drops them.
+    assert isinstance(torch.cpu._is_avx512_bf16_supported(), bool)
+    assert isinstance(torch.cpu._is_amx_tile_supported(), bool)
+    assert isinstance(native_bf16(torch.device("cpu")), bool)
 
 
 def test_calibrated_uses_the_runner_when_it_is_not_the_pytorch_model(predictor, monkeypatch):

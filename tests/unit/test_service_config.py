@@ -99,6 +99,11 @@ def test_settings_key_and_key_file_together_are_refused(tmp_path):
         ("SUPPORTLENS_MAX_REQUEST_COST", "0", "SUPPORTLENS_MAX_REQUEST_COST must be at least 1"),
         ("SUPPORTLENS_METRICS_PORT", "8000", "SUPPORTLENS_METRICS_PORT must be 0 .* other than"),
         ("SUPPORTLENS_METRICS_PORT", "-1", "SUPPORTLENS_METRICS_PORT must be 0"),
+        (
+            "SUPPORTLENS_FAITHFULNESS_PRECISION",
+            "fp16",
+            "SUPPORTLENS_FAITHFULNESS_PRECISION must be one of auto, bf16, fp32, got 'fp16'",
+        ),
     ],
 )
 def test_settings_new_limits_are_validated(variable, value, message):
@@ -133,3 +138,13 @@ def test_settings_backend_is_read_once_and_frozen():
     assert Settings().backend == "torch"
     with pytest.raises(AttributeError):
         settings.backend = "torch"
+
+
+def test_settings_faithfulness_precisions_are_the_predictors():
+    from models.predictor import VARIANT_PRECISIONS
+    from service.config import FAITHFULNESS_PRECISIONS
+
+    assert FAITHFULNESS_PRECISIONS == VARIANT_PRECISIONS
+    assert Settings().faithfulness_precision == "auto"
+    settings = Settings.from_env({"SUPPORTLENS_FAITHFULNESS_PRECISION": "fp32"})
+    assert settings.faithfulness_precision == "fp32"
