@@ -260,9 +260,10 @@ class IntentPredictor:
         What per-request faithfulness scores its perturbed texts with.
 
         The packed pass runs in :attr:`variant_dtype`: with bfloat16 (autocast: matrix
-        products in bf16, normalisation and softmax in fp32) it costs about 0.6x the fp32
-        pass on a CPU with native bf16, and the probabilities move by about 1e-3
-        (``benchmarks/results/faithfulness.md`` measures both on the trained model)."""
+        products and attention in bf16, layer norms in fp32) it costs about 0.7x the fp32
+        pass on a CPU with native bf16, and the faithfulness values computed from it move
+        by at most about 0.005 (``benchmarks/results/faithfulness.md`` measures both
+        precisions side by side on the trained model)."""
         if not texts:
             return torch.zeros(0, len(self.labels), device=self.device)
         encoding, _ = self.encode(texts)

@@ -250,9 +250,7 @@ def test_faithfulness_of_a_random_method_is_near_the_random_baseline(explainer):
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_faithfulness_benchmark_reports_naopc_distribution_and_cost(
-    explainer, tmp_path, precision
-):
+def test_faithfulness_benchmark_reports_naopc_distribution_and_cost(explainer, tmp_path, precision):
     """The benchmark script end to end on a tiny model: every figure the table quotes,
     with the service's perturbed texts scored in each precision."""
     import json as json_module
