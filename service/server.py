@@ -17,7 +17,7 @@ from pathlib import Path
 
 from service.config import ConfigError, get_settings
 from service.logs import configure_logging
-from service.signals import install_signal_handlers
+from service.signals import die_with_this_process, install_signal_handlers
 
 
 def prepare_metrics_dir() -> Path | None:
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     built = []
     install_signal_handlers(lambda: built[0] if built else None)
+    die_with_this_process()  # kill -9 of this process leaves no HTTP process behind
     metrics_dir = prepare_metrics_dir()
     try:
         from service.app import build_server  # imports prometheus_client: after the line above

@@ -12,14 +12,18 @@ only one to take them.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
 from service import litserve_compat as compat
 
 SHUTDOWN_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_dying_with: list[int] = []  # the process whose forked children die with it (set once)
 
 
 def install_signal_handlers(get_server) -> None:
@@ -64,3 +68,37 @@ def start_thread(target: Callable[[], object], name: str) -> threading.Thread:
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return thread
+
+
+def die_with_this_process() -> None:
+    """Every child this process forks from now on is killed (SIGKILL) when it dies.
+
+    Killed outright (``kill -9``, the OOM killer), the main process can stop nothing: the
+    HTTP processes it forked would keep the port open with nobody behind them to answer,
+    and LitServe's manager process would linger. On Linux each forked child asks the
+    kernel for a signal at its parent's death (``prctl(PR_SET_PDEATHSIG)``); then the model
+    workers, which are spawned rather than forked, see the end of their pipes once those
+    processes are gone, and exit.
+
+    The kernel sends it when the *thread* that forked ends: this process forks (the
+    manager, the HTTP processes) only from its main thread, which lives as long as it
+    does. A fork made by one of those children (a grandchild) is left alone. Elsewhere
+    than on Linux: nothing.
+    """
+    if not sys.platform.startswith("linux") or _dying_with:
+        return
+    _dying_with.append(os.getpid())
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    forking: list[int] = []
+
+    def before() -> None:
+        forking[:] = [os.getpid()]
+
+    def in_child() -> None:
+        if forking != _dying_with:
+            return  # forked by a child of this process: not ours to tie
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != _dying_with[0]:
+            os._exit(1)  # the parent died between fork() and prctl(): no signal will come
+
+    os.register_at_fork(before=before, after_in_child=in_child)

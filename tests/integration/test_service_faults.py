@@ -257,3 +257,25 @@ def test_service_exits_with_status_1_when_an_http_process_dies(tiny_bundles, tmp
     text = log.read_text()
     assert f"(pid {http[0]}) exited with code -9; stopping the server" in text
     assert "Traceback" not in text
+
+
+def test_service_leaves_no_process_behind_when_its_main_process_is_killed(tiny_bundles, tmp_path):
+    """``kill -9`` of the main process (an OOM kill, a crashed host agent outside a
+    container) takes the whole server with it: no HTTP process is left holding the port
+    with nobody to answer, and no manager or worker process lingers."""
+    server = ServerProcess(
+        {**bundle_env(tiny_bundles), "SUPPORTLENS_API_SERVERS": "2"}, tmp_path / "server.log"
+    ).wait_ready()
+    try:
+        descendants = psutil.Process(server.process.pid).children(recursive=True)
+        assert len(descendants) >= 4  # the manager, two HTTP processes, the model workers
+        assert classify(server.url).status_code == 200
+        server.process.kill()
+        server.process.wait(timeout=10)
+        _, alive = psutil.wait_procs(descendants, timeout=10)
+        assert alive == [], f"orphaned processes: {[p.cmdline()[-3:] for p in alive]}"
+        with socket.socket() as sock:  # the port is free for a new server
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", server.port))
+    finally:
+        server.stop()
