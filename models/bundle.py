@@ -59,7 +59,7 @@ from transformers.utils import logging as hf_logging
 from models.classifier import IntentClassifier
 from models.files import atomic_directory, atomic_write_json
 from models.onnx_backend import EXPORT_INFO, GRAPH_FILES, GRAPH_IO, ONNX_DIR, graph_io
-from models.ood import METHODS, OutOfScopeDetector
+from models.ood import GAUSSIAN, METHODS, OutOfScopeDetector
 from models.summarizer import ExtractiveSummarizer
 
 BUNDLE_FORMAT = 2
@@ -508,7 +508,7 @@ def _check_detector(
         raise BundleError(
             f"{bad} feature_size is {settings['feature_size']}, the classifier pools {features}"
         )
-    if method == "mahalanobis" and settings["num_labels"] != config.num_labels:
+    if method in GAUSSIAN and settings["num_labels"] != config.num_labels:
         raise BundleError(
             f"{bad} num_labels is {settings['num_labels']}, the classifier has {config.num_labels}"
         )

@@ -7,6 +7,10 @@ model was trained on:
 - ``mahalanobis``: the smallest Mahalanobis distance to an intent's mean feature, with
   one covariance shared by all intents (Lee et al., 2018; Podolskiy et al., 2021).
 - ``knn``: 1 − the cosine similarity to the k-th nearest training feature (Sun et al., 2022).
+- ``relative_mahalanobis``: the ``mahalanobis`` score minus the Mahalanobis distance to one
+  Gaussian fitted on all training features, the "background" (Ren et al., 2021): what
+  sets a message apart from the intents rather than from text in general, which helps
+  with near out-of-scope messages (close to the intents in topic and wording).
 
 The fitted statistics are buffers, so a detector is saved and loaded with safetensors
 like the model's weights. Fitting, threshold choice and metrics live in
@@ -21,7 +25,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-METHODS = ("max_prob", "mahalanobis", "knn")
+METHODS = ("max_prob", "mahalanobis", "knn", "relative_mahalanobis")
+# Methods that score with the per-intent means and the shared whitening.
+GAUSSIAN = frozenset({"mahalanobis", "relative_mahalanobis"})
 
 
 class OutOfScopeDetector(nn.Module):
@@ -31,6 +37,8 @@ class OutOfScopeDetector(nn.Module):
       ``means``     (C, D) per-intent mean feature, whitened (``mahalanobis``)
       ``whitening`` (D, D) ``W`` with ``W Wᵀ`` = the shared precision matrix (``mahalanobis``)
       ``bank``      (M, D) L2-normalised training features (``knn``)
+      ``background_mean``      (D,)   the background mean, whitened (``relative_mahalanobis``
+      ``background_whitening`` (D, D) only: the buffers exist for that method alone)
       ``threshold`` ()     scores strictly above it are out of scope
     """
 
@@ -47,7 +55,7 @@ class OutOfScopeDetector(nn.Module):
             raise ValueError(f"unknown out-of-scope method {method!r}; known: {', '.join(METHODS)}")
         self.method = method
         self.k = k
-        mahalanobis, knn = method == "mahalanobis", method == "knn"
+        mahalanobis, knn = method in GAUSSIAN, method == "knn"
         size = feature_size if mahalanobis else 0
         self.register_buffer("means", torch.zeros(num_labels if mahalanobis else 0, size))
         self.register_buffer("whitening", torch.zeros(size, size))
@@ -55,6 +63,9 @@ class OutOfScopeDetector(nn.Module):
             "bank", torch.zeros(bank_size if knn else 0, feature_size if knn else 0)
         )
         self.register_buffer("threshold", torch.tensor(float("inf")))
+        if method == "relative_mahalanobis":
+            self.register_buffer("background_mean", torch.zeros(feature_size))
+            self.register_buffer("background_whitening", torch.zeros(feature_size, feature_size))
 
     @classmethod
     def from_settings(cls, settings: dict) -> OutOfScopeDetector:
@@ -96,7 +107,7 @@ class OutOfScopeDetector(nn.Module):
         if features is None:
             raise ValueError(f"{self.method} needs the pooled features")
         features = features.float()
-        if self.method == "mahalanobis":
+        if self.method in GAUSSIAN:
             z = features @ self.whitening  # (B, D), whitened features
             # ||z − m_c||² for every intent c without materialising (B, C, D).
             distances = (
@@ -104,7 +115,11 @@ class OutOfScopeDetector(nn.Module):
                 - 2.0 * z @ self.means.T  # (B, C)
                 + self.means.pow(2).sum(-1)[None, :]  # (1, C)
             )  # (B, C)
-            return distances.clamp_min(0.0).amin(dim=-1)  # (B,)
+            nearest = distances.clamp_min(0.0).amin(dim=-1)  # (B,)
+            if self.method == "mahalanobis":
+                return nearest
+            background = features @ self.background_whitening - self.background_mean  # (B, D)
+            return nearest - background.pow(2).sum(-1)  # (B,)
         similarity = F.normalize(features, dim=-1) @ self.bank.T  # (B, M)
         k = min(self.k, self.bank.shape[0])
         kth = similarity.topk(k, dim=-1).values[:, -1]  # (B,)

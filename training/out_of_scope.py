@@ -27,7 +27,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from models.ood import METHODS, OutOfScopeDetector
 
-DEFAULT_METHOD = "mahalanobis"
+DEFAULT_METHOD = "relative_mahalanobis"
 
 
 def fit_detector(
@@ -44,8 +44,7 @@ def fit_detector(
         bank = torch.nn.functional.normalize(torch.from_numpy(features).float(), dim=-1)
         detector.bank.copy_(bank)
         return detector
-    # Shared covariance of the class-centred features; Ledoit-Wolf shrinkage keeps it
-    # invertible when there are fewer examples than dimensions (small data sets).
+    # Shared covariance of the class-centred features.
     means = np.zeros((num_labels, size))
     centred = np.empty_like(features)
     for c in range(num_labels):
@@ -53,15 +52,27 @@ def fit_detector(
         if rows.any():
             means[c] = features[rows].mean(axis=0)
             centred[rows] = features[rows] - means[c]
-    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
-    # Symmetric square root W of the precision (W Wᵀ = precision): distances become
-    # Euclidean in the whitened space, so scoring is two matrix products.
-    eigenvalues, eigenvectors = np.linalg.eigh((precision + precision.T) / 2)
-    whitening = eigenvectors @ np.diag(np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    whitening = _whitening(centred)
     detector = OutOfScopeDetector(method, size, num_labels=num_labels)
     detector.whitening.copy_(torch.from_numpy(whitening).float())
     detector.means.copy_(torch.from_numpy(means @ whitening).float())
+    if method == "relative_mahalanobis":
+        # The background: one Gaussian over every training feature, intents ignored.
+        mean = features.mean(axis=0)
+        background = _whitening(features - mean)
+        detector.background_whitening.copy_(torch.from_numpy(background).float())
+        detector.background_mean.copy_(torch.from_numpy(mean @ background).float())
     return detector
+
+
+def _whitening(centred: np.ndarray) -> np.ndarray:
+    """``W`` with ``W Wᵀ`` = the precision of ``centred`` (N, D): distances become Euclidean
+    in the whitened space, so scoring is two matrix products. Ledoit-Wolf shrinkage keeps
+    the covariance invertible when there are fewer examples than dimensions."""
+    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+    # Symmetric square root of the precision.
+    eigenvalues, eigenvectors = np.linalg.eigh((precision + precision.T) / 2)
+    return eigenvectors @ np.diag(np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
 
 
 def score(

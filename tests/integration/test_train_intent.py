@@ -244,12 +244,12 @@ def test_without_oos_data_the_report_shows_what_the_rule_costs(first_run):
     output_dir, _, result = first_run
     oos = result.report["metrics"]["out_of_scope"]
     assert oos["n_validation_oos"] == 0 and oos["rule"].startswith("keeps 99%")
-    assert oos["method"] == "mahalanobis"  # the default without out-of-scope examples
+    assert oos["method"] == "relative_mahalanobis"  # the default without out-of-scope examples
     for row in oos["detectors"].values():
         assert row["oos_recall"] is None and "auroc" not in row
         assert row["in_scope_accuracy_with_rule"] <= row["in_scope_accuracy"]
     bundle = load_bundle(output_dir / "bundle")
-    assert bundle.calibration["ood"]["method"] == "mahalanobis"
+    assert bundle.calibration["ood"]["method"] == "relative_mahalanobis"
     assert "in-scope flagged" in (output_dir / "report" / "report.md").read_text()
 
 

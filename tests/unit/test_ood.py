@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_model, save_model
 
-from models.ood import OutOfScopeDetector
+from models.ood import METHODS, OutOfScopeDetector
 from training.out_of_scope import (
     choose_detector,
     detection_metrics,
@@ -50,7 +50,7 @@ def probs_of(features: np.ndarray, train) -> np.ndarray:
     return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
 
 
-@pytest.mark.parametrize("method", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("method", ["mahalanobis", "knn", "relative_mahalanobis"])
 def test_feature_detectors_separate_unseen_clusters(data, method):
     train, val, oos = data
     detector = fit_detector(method, *train, num_labels=CLASSES)
@@ -69,6 +69,46 @@ def test_mahalanobis_matches_direct_formula(data):
     diff = val[0][:, None, :] - means[None]  # (B, C, D)
     expected = np.einsum("bcd,de,bce->bc", diff, precision, diff).min(1)
     np.testing.assert_allclose(score(detector, val[0], None), expected, rtol=1e-3, atol=1e-3)
+
+
+def test_relative_mahalanobis_subtracts_the_background_distance(data):
+    from sklearn.covariance import LedoitWolf
+
+    train, val, _ = data
+    detector = fit_detector("relative_mahalanobis", *train, num_labels=CLASSES)
+    plain = fit_detector("mahalanobis", *train, num_labels=CLASSES)
+    features = train[0]
+    mean = features.mean(0)
+    precision = LedoitWolf(assume_centered=True).fit(features - mean).precision_
+    diff = val[0] - mean  # (B, D)
+    background = np.einsum("bd,de,be->b", diff, precision, diff)
+    expected = score(plain, val[0], None) - background
+    np.testing.assert_allclose(score(detector, val[0], None), expected, rtol=1e-3, atol=1e-2)
+
+
+def test_relative_mahalanobis_discounts_what_every_intent_varies_along(data):
+    """Near out-of-scope messages: a direction in which all training text varies a lot
+    (topic, length) says little about the intent. Messages far along it look out of
+    scope to the class-conditional distance, not to the relative one; a message off the
+    intents in a direction the training data never varies along is out of scope to both."""
+    rng = np.random.default_rng(5)
+    centres = np.zeros((CLASSES, DIM))
+    centres[np.arange(CLASSES), np.arange(CLASSES)] = 4.0  # intents apart in dims 0-3
+    labels = np.repeat(np.arange(CLASSES), 100)
+    features = centres[labels] + 0.3 * rng.standard_normal((len(labels), DIM))
+    features[:, DIM - 1] += 3.0 * rng.standard_normal(len(labels))  # shared, broad direction
+    relative = fit_detector("relative_mahalanobis", features, labels, num_labels=CLASSES)
+    plain = fit_detector("mahalanobis", features, labels, num_labels=CLASSES)
+    inlier = centres[0] + 0.3 * rng.standard_normal((50, DIM))
+    inlier[:, DIM - 1] = 45.0  # in scope, but very far along the shared direction
+    outlier = 0.3 * rng.standard_normal((50, DIM))
+    outlier[:, :CLASSES] = 2.0  # between the intents, where no training data lies
+    for name, detector in (("relative", relative), ("plain", plain)):
+        auroc = detection_metrics(score(detector, inlier, None), score(detector, outlier, None))
+        if name == "relative":
+            assert auroc["auroc"] > 0.95
+        else:
+            assert auroc["auroc"] < 0.5
 
 
 def test_knn_score_is_one_minus_kth_cosine(data):
@@ -93,7 +133,7 @@ def test_detector_unknown_method_is_refused():
         OutOfScopeDetector("cosine")
 
 
-@pytest.mark.parametrize("method", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("method", ["mahalanobis", "knn", "relative_mahalanobis"])
 def test_detector_round_trips_through_safetensors(data, tmp_path, method):
     train, val, _ = data
     detector = fit_detector(method, *train, num_labels=CLASSES)
@@ -130,7 +170,7 @@ def test_choose_detector_without_oos_data_keeps_coverage(data):
     train, val, oos = data
     val_probs = probs_of(val[0], train)
     choice = choose_detector(*train, CLASSES, val[0], val_probs, val[1], coverage=0.95)
-    assert choice.detector.method == "mahalanobis"
+    assert choice.detector.method == "relative_mahalanobis"
     assert choice.validation == {}
     scores = score(choice.detector, val[0], val_probs)
     correct = val_probs.argmax(1) == val[1]
@@ -149,7 +189,7 @@ def test_choose_detector_with_oos_data_picks_best_auroc(data):
         *train, CLASSES, val[0], val_probs, val[1], oos_features=oos, oos_probs=oos_probs
     )
     aurocs = {m: r["auroc"] for m, r in choice.validation.items()}
-    assert set(aurocs) == {"max_prob", "mahalanobis", "knn"}
+    assert set(aurocs) == set(METHODS)
     assert aurocs[choice.detector.method] == max(aurocs.values())
     assert aurocs["max_prob"] < aurocs[choice.detector.method]
     in_scores = score(choice.detector, val[0], val_probs)
