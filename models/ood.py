@@ -34,8 +34,8 @@ class OutOfScopeDetector(nn.Module):
     """Scores messages by one of :data:`METHODS`; ``threshold`` splits in scope from out of scope.
 
     Buffers (all float32):
-      ``means``     (C, D) per-intent mean feature, whitened (``mahalanobis``)
-      ``whitening`` (D, D) ``W`` with ``W Wᵀ`` = the shared precision matrix (``mahalanobis``)
+      ``means``     (C, D) per-intent mean feature, whitened (both Mahalanobis methods)
+      ``whitening`` (D, D) ``W`` with ``W Wᵀ`` = the shared precision matrix (both)
       ``bank``      (M, D) L2-normalised training features (``knn``)
       ``background_mean``      (D,)   the background mean, whitened (``relative_mahalanobis``
       ``background_whitening`` (D, D) only: the buffers exist for that method alone)
@@ -55,9 +55,9 @@ class OutOfScopeDetector(nn.Module):
             raise ValueError(f"unknown out-of-scope method {method!r}; known: {', '.join(METHODS)}")
         self.method = method
         self.k = k
-        mahalanobis, knn = method in GAUSSIAN, method == "knn"
-        size = feature_size if mahalanobis else 0
-        self.register_buffer("means", torch.zeros(num_labels if mahalanobis else 0, size))
+        gaussian, knn = method in GAUSSIAN, method == "knn"
+        size = feature_size if gaussian else 0
+        self.register_buffer("means", torch.zeros(num_labels if gaussian else 0, size))
         self.register_buffer("whitening", torch.zeros(size, size))
         self.register_buffer(
             "bank", torch.zeros(bank_size if knn else 0, feature_size if knn else 0)
