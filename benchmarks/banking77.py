@@ -61,6 +61,8 @@ def seed_row(seed: int, result, wall_s: float, bundle: str) -> dict:
             "wall_time_min": round(wall_s / 60, 1),
         },
         "epochs": training["epochs"],
+        "precision": "bf16" if training.get("bf16") else "fp32",
+        "train_time_min": round(training["train_time_s"] / 60, 1),
         "global_step": training["global_step"],
         "examples": training["data"]["examples"],
         "bundle": bundle,
@@ -73,6 +75,16 @@ def seed_rows(run: dict) -> list[dict]:
         return run["seeds"]
     metrics = {**run["metrics"], "wall_time_min": round(run["wall_time_s"] / 60, 1)}
     return [{"seed": 42, "metrics": metrics, "epochs": run["epochs"]}]
+
+
+def precisions(run: dict) -> str:
+    """How the seeds trained (bf16 autocast or fp32), from their reports."""
+    seen = {row.get("precision") for row in seed_rows(run)}
+    if None in seen:
+        return "not recorded (measured before the tables recorded it)"
+    return " and ".join(
+        "bf16 autocast" if precision == "bf16" else "fp32" for precision in sorted(seen)
+    )
 
 
 def render_markdown(results: dict) -> str:
@@ -132,6 +144,7 @@ def render_markdown(results: dict) -> str:
             f"transformers {mach['transformers']}",
             f"- command (from the repository root): `{run['command']}`",
             f"- recipe: `{run['recipe']}`; training overrides: `{' '.join(run['overrides']) or '(none)'}`",
+            f"- training precision: {precisions(run)}",
             *[
                 f"- seed {row['seed']}: out-of-scope threshold {row['metrics']['oos_threshold']:.3f} "
                 f"rejects {row['metrics']['oos_rejected_rate']:.2f}% of the (in-scope) test messages"

@@ -1,15 +1,16 @@
-"""Training throughput: one process vs two processes under torchrun (DDP, gloo on CPU).
+"""Training throughput: one process vs torchrun (DDP, gloo on CPU), fp32 vs bf16 autocast.
 
 Trains the intent classifier (the default all-MiniLM-L6-v2 backbone, the BANKING77
 recipe's batch size per process) for a fixed number of optimizer steps on the BANKING77
-training file, once as one process using every core and once as ``--processes``
-processes under ``torchrun`` with one core's share each, round after round, and reports
-training examples per second (global step x batch per process x processes / the
-Trainer's training time, from the bundle's ``training.json``) on every third training
+training file, as one process using every core and as ``--processes`` processes under
+``torchrun`` with one core's share each, each layout in every ``--precisions`` (fp32,
+and bf16 autocast: the default where the CPU computes bf16 natively), round after round,
+and reports training examples per second (global step x batch per process x processes /
+the Trainer's training time, from the bundle's ``training.json``) on every third training
 message. Evaluation during training and checkpoints are off; the final evaluation runs
 on every 15th test message.
 
-    python benchmarks/training.py --steps 60 --rounds 2
+    python benchmarks/training.py --steps 200 --rounds 2
 
 Time to 92.5% BANKING77 test accuracy (issue 13, item 5) needs a GPU and is not
 measured here. Results: ``benchmarks/results/training.md`` / ``.json``.
@@ -45,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes")
     parser.add_argument("--batch", type=int, default=16, help="batch per process")
     parser.add_argument("--threads", type=int, default=available_cores())
+    parser.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        type=lambda value: value.split(","),
+        help="training precisions to compare (bf16: autocast; fast only where the CPU has "
+        "AVX512-BF16 or AMX)",
+    )
     parser.add_argument("--note", default="", help="a remark printed with the table")
     parser.add_argument("--out", default="benchmarks/results/training")
     return parser.parse_args(argv)
@@ -63,7 +71,9 @@ def every_nth(source: Path, target: Path, n: int) -> Path:
     return target
 
 
-def train_once(args, processes: int, output_dir: Path, files: tuple[Path, Path]) -> dict:
+def train_once(
+    args, processes: int, precision: str, output_dir: Path, files: tuple[Path, Path]
+) -> dict:
     threads = max(1, args.threads // processes)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     launcher = (
@@ -79,6 +89,7 @@ def train_once(args, processes: int, output_dir: Path, files: tuple[Path, Path])
         "--eval_strategy", "no", "--save_strategy", "no",
         "--load_best_model_at_end", "false", "--early_stopping_patience", "0",
         "--logging_strategy", "no", "--report_to", "none",
+        "--bf16", str(precision == "bf16").lower(),
     ]  # fmt: skip
     if processes > 1:
         command += ["--ddp_backend", "gloo"]
@@ -98,6 +109,15 @@ def train_once(args, processes: int, output_dir: Path, files: tuple[Path, Path])
         "examples_per_s": round(examples / training["train_time_s"], 1),
         "wall_time_s": round(time.perf_counter() - started, 1),
     }
+
+
+def layout_name(processes: int, threads: int, precision: str) -> str:
+    layout = (
+        f"1 process x {threads} threads"
+        if processes == 1
+        else f"{processes} processes (torchrun, gloo) x {max(1, threads // processes)} thread(s)"
+    )
+    return f"{layout}, {precision}"
 
 
 def recorded(argv) -> list[str]:
@@ -135,16 +155,12 @@ def main(argv=None) -> int:
         )
         for round_ in range(args.rounds):
             for processes in (1, args.processes):
-                name = (
-                    f"1 process x {args.threads} threads"
-                    if processes == 1
-                    else f"{processes} processes (torchrun, gloo) x "
-                    f"{max(1, args.threads // processes)} thread(s)"
-                )
-                output_dir = Path(tmp) / f"run-{round_}-{processes}"
-                cell = train_once(args, processes, output_dir, files)
-                samples.setdefault(name, []).append(cell)
-                print(f"round {round_ + 1}: {name}: {cell}", flush=True)
+                for precision in args.precisions:
+                    name = layout_name(processes, args.threads, precision)
+                    output_dir = Path(tmp) / f"run-{round_}-{processes}-{precision}"
+                    cell = train_once(args, processes, precision, output_dir, files)
+                    samples.setdefault(name, []).append(cell)
+                    print(f"round {round_ + 1}: {name}: {cell}", flush=True)
     for name, cells in samples.items():
         rates = [c["examples_per_s"] for c in cells]
         median = statistics.median_low(rates)
@@ -152,21 +168,34 @@ def main(argv=None) -> int:
             **next(c for c in cells if c["examples_per_s"] == median),
             "examples_per_s_by_round": rates,
         }
-    single, multi = (run["layouts"][n]["examples_per_s"] for n in run["layouts"])
-    run["speedup"] = round(multi / single, 2)
+    rate = lambda p, precision: run["layouts"][layout_name(p, args.threads, precision)][  # noqa: E731
+        "examples_per_s"
+    ]
+    run["speedups"] = {
+        f"torchrun ({args.processes} processes) / 1 process, {precision}": round(
+            rate(args.processes, precision) / rate(1, precision), 2
+        )
+        for precision in args.precisions
+    }
+    if len(args.precisions) == 2:
+        for processes in (1, args.processes):
+            name = layout_name(processes, args.threads, "").removesuffix(", ")
+            run["speedups"][f"bf16 / fp32, {name}"] = round(
+                rate(processes, "bf16") / rate(processes, "fp32"), 2
+            )
     print(write_runs(Path(args.out).parent, Path(args.out).name, "cpu", run, render))
     return 0
 
 
 def render(results: dict) -> str:
     lines = [
-        "# Training throughput: one process vs torchrun",
+        "# Training throughput: one process vs torchrun, fp32 vs bf16",
         "",
         "The intent classifier (all-MiniLM-L6-v2, BANKING77 recipe) trained for a fixed number "
         "of steps on BANKING77 `train.csv`, as one process and as several processes under "
-        "`torchrun` (DistributedDataParallel through the Trainer); examples/s = global step x "
-        "batch per process x processes / the Trainer's training time. Each row shows its "
-        "median round.",
+        "`torchrun` (DistributedDataParallel through the Trainer), each in fp32 and under bf16 "
+        "autocast; examples/s = global step x batch per process x processes / the Trainer's "
+        "training time. Each row shows its median round.",
     ]
     for kind, run in sorted(results["runs"].items()):
         m = run["machine"]
@@ -176,18 +205,21 @@ def render(results: dict) -> str:
             f"rounds: {run['rounds']}.",
             "",
             *([run["note"], ""] if run.get("note") else []),
-            "| layout | examples/s (median round) | by round | steps | training time s |",
-            "|---|---|---|---|---|",
+            "| layout | precision | examples/s (median round) | by round | steps | training time s |",
+            "|---|---|---|---|---|---|",
         ]
         for name, cell in run["layouts"].items():
+            layout, precision = name.rsplit(", ", 1)
             rounds = " / ".join(str(x) for x in cell["examples_per_s_by_round"])
             lines.append(
-                f"| {name} | {cell['examples_per_s']} | {rounds} | {cell['global_step']} | "
-                f"{cell['train_time_s']} |"
+                f"| {layout} | {precision} | {cell['examples_per_s']} | {rounds} | "
+                f"{cell['global_step']} | {cell['train_time_s']} |"
             )
         lines += [
             "",
-            f"Speed-up of the torchrun layout: **{run['speedup']}x**.",
+            "| speed-up | value |",
+            "|---|---|",
+            *[f"| {name} | **{value}x** |" for name, value in run["speedups"].items()],
             "",
             "Time to 92.5% BANKING77 test accuracy: not measured (it needs a GPU; none was "
             "available for this run).",

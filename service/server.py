@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 from service.config import ConfigError, get_settings
 from service.logs import configure_logging
 from service.signals import die_with_this_process, install_signal_handlers
+
+METRICS_DIR_PREFIX = "supportlens-metrics-"
 
 
 def prepare_metrics_dir() -> Path | None:
@@ -33,9 +36,42 @@ def prepare_metrics_dir() -> Path | None:
         for stale in directory.glob("*.db"):  # counts from a previous run would be added in
             stale.unlink()
         return None
-    directory = Path(tempfile.mkdtemp(prefix="supportlens-metrics-"))
+    remove_orphaned_metrics_dirs()
+    directory = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
     return directory
+
+
+def remove_orphaned_metrics_dirs() -> list[Path]:
+    """Remove the metrics directories of servers that died without removing their own.
+
+    A server removes its directory when it exits, but not when it is killed with
+    ``kill -9``; its name carries the pid of the server that made it, so the next server
+    removes those whose process is gone. Only this user's real directories (no links)
+    are touched. Returns what was removed."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+        try:
+            info = path.lstat()
+        except OSError:
+            continue
+        if not pid.isdigit() or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+            continue
+        if not _process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

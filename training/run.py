@@ -54,6 +54,7 @@ from transformers.utils import (
 from models.backbone import load_backbone
 from models.bundle import BundleError, save_bundle
 from models.files import remove_stale_temporaries
+from models.predictor import native_bf16
 from training.data import DataError
 from training.recipe import RecipeError, parse_recipe_and_overrides, resolved_config, write_yaml
 
@@ -63,8 +64,18 @@ _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 def bf16_default() -> bool:
-    """bf16 autocast where the GPU supports it; CPUs train in fp32."""
-    return bool(torch.cuda.is_available() and is_torch_bf16_gpu_available())
+    """bf16 autocast where the hardware computes it natively: a GPU that supports it, or,
+    on a machine without one, a CPU with AVX512-BF16 or AMX (one process with two threads
+    trained 1.43x faster there: benchmarks/results/training.md). Elsewhere fp32, as
+    emulated bf16 is slower than fp32."""
+    if torch.cuda.is_available():
+        return bool(is_torch_bf16_gpu_available())
+    return cpu_only() and native_bf16(torch.device("cpu"))
+
+
+def cpu_only() -> bool:
+    """No accelerator that the Trainer would pick over the CPU."""
+    return not (torch.cuda.is_available() or torch.backends.mps.is_available())
 
 
 @dataclass
@@ -98,9 +109,41 @@ class RunArguments(TrainingArguments):
     warmup_steps: float = field(default=0.1)
     weight_decay: float = field(default=0.01)
     num_train_epochs: float = field(default=5.0)
-    bf16: bool = field(default_factory=bf16_default)
+    # None: decided on the machine that runs (bf16_default, and pinned memory with a GPU).
+    # Not default factories: HfArgumentParser gives a bool field without a plain default
+    # False, whatever its factory says.
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 autocast (default: where the hardware computes it natively)."},
+    )
     # Pinned memory only helps host-to-GPU copies (and warns on CPU-only machines).
-    dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available)
+    dataloader_pin_memory: bool | None = field(default=None)
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = bf16_default()
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = torch.cuda.is_available()
+        # transformers refuses bf16 without a GPU unless use_cpu is set. On a machine
+        # that has nothing but its CPU, saying so changes no device choice (and it is not
+        # written into resolved_config.yaml: see recipe_config).
+        self.cpu_asked = self.use_cpu
+        if self.bf16 and cpu_only():
+            self.use_cpu = True
+        super().__post_init__()
+
+
+def recipe_config(*instances: Any) -> dict[str, Any]:
+    """``resolved_config.yaml`` of a run's argument dataclasses: every final value, as a
+    recipe that starts a fresh run of the same training on any machine (``use_cpu`` as
+    asked, not as set for bf16)."""
+    resolved = resolved_config(*instances)
+    resolved["resume"] = False
+    resolved["resume_from_checkpoint"] = None
+    for instance in instances:
+        if isinstance(instance, RunArguments):
+            resolved["use_cpu"] = instance.cpu_asked
+    return resolved
 
 
 def early_stopping(args: RunArguments) -> list[TrainerCallback]:
@@ -293,6 +336,10 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
     train_started = time.perf_counter()
     trainer.train(resume_from_checkpoint=checkpoint)
     train_time = time.perf_counter() - train_started
+    # Under bf16, accelerate wrapped the model's forward in autocast, in place. The bundle
+    # is served in fp32, so what is evaluated, calibrated and fitted from here on (and
+    # TrainResult.model) runs the fp32 forward that the bundle will serve.
+    trainer.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
 
     # Evaluation (every rank, on its shard, gathered: all ranks hold the same figures),
     # then the report and the bundle, written by world process zero alone.
@@ -326,9 +373,7 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
     bundle = output_dir / "bundle"
     if trainer.is_world_process_zero():
         task.write_report(report, output_dir)
-        resolved = resolved_config(data_args, model_args, args)
-        resolved["resume"] = False  # feeding the file back as a recipe should start a fresh run
-        resolved["resume_from_checkpoint"] = None
+        resolved = recipe_config(data_args, model_args, args)
         write_yaml(output_dir / "resolved_config.yaml", resolved)
         save_bundle(
             bundle,

@@ -23,7 +23,7 @@ MACHINE = {
 def seed(number: int, accuracy: float) -> dict:
     metrics = dict.fromkeys(SUMMARY, 1.0)
     metrics.update(accuracy=accuracy, oos_threshold=0.5, oos_rejected_rate=3.0)
-    return {"seed": number, "metrics": metrics, "epochs": 6.0}
+    return {"seed": number, "metrics": metrics, "epochs": 6.0, "precision": "bf16"}
 
 
 def test_banking77_table_lists_every_seed_and_their_mean_and_spread():
@@ -41,6 +41,7 @@ def test_banking77_table_lists_every_seed_and_their_mean_and_spread():
     assert [row.split(" | ")[1] for row in rows] == ["1", "2", "3", "mean ± spread"]
     assert "**94.00 ± 1.00**" in rows[-1]
     assert "load average at start [0.1, 0.2, 0.3]" in markdown
+    assert "- training precision: bf16 autocast" in markdown
 
 
 def test_banking77_table_still_renders_a_single_run_stored_before_seeds():
@@ -56,3 +57,4 @@ def test_banking77_table_still_renders_a_single_run_stored_before_seeds():
     markdown = render_markdown({"runs": {"cuda": old}})
     (row,) = [line for line in markdown.splitlines() if line.startswith("| cuda (A GPU)")]
     assert "| 42 | 2.00 |" in row and "10.0 min" in row
+    assert "- training precision: not recorded" in markdown

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.recipe import RecipeError
+from training.recipe import RecipeError, parse_recipe_and_overrides
 from training.run import (
     RunArguments,
     checkpoint_is_complete,
@@ -104,3 +104,75 @@ def test_run_on_a_rank_other_than_zero_writes_no_report_and_no_bundle(
     # The rank still returns what it computed, with the bundle's path.
     assert result.bundle == output_dir / "bundle"
     assert 0.0 <= result.report["metrics"]["accuracy"] <= 1.0
+
+
+def machine(monkeypatch, *, gpu: bool = False, mps: bool = False, cpu_bf16: bool = False) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("hardware", "expected"),
+    [
+        ({"cpu_bf16": True}, True),  # a CPU-only machine with AVX512-BF16: bf16
+        ({"cpu_bf16": False}, False),  # emulated bf16 would be slower than fp32
+        ({"mps": True, "cpu_bf16": True}, False),  # the Trainer would pick MPS, not the CPU
+    ],
+)
+def test_bf16_default_is_on_only_where_the_training_device_computes_it_natively(
+    monkeypatch, hardware, expected
+):
+    from training.run import bf16_default
+
+    machine(monkeypatch, **hardware)
+    assert bf16_default() is expected
+
+
+def test_run_arguments_train_in_bf16_on_a_cpu_only_machine(monkeypatch, tmp_path):
+    # transformers refuses bf16 without a GPU unless use_cpu is set: the defaults must
+    # parse on such a machine, asked for explicitly or by default.
+    machine(monkeypatch, cpu_bf16=True)
+    for kwargs in ({}, {"bf16": True}):
+        args = RunArguments(output_dir=str(tmp_path), **kwargs)
+        assert args.bf16 and args.use_cpu
+    args = RunArguments(output_dir=str(tmp_path), bf16=False)
+    assert not args.bf16 and not args.use_cpu
+
+
+@pytest.mark.parametrize(("cpu_bf16", "given", "expected"), [
+    (True, [], True),
+    (False, [], False),
+    (True, ["--bf16", "false"], False),
+    (False, ["--bf16", "true"], True),
+])  # fmt: skip
+def test_training_command_line_leaves_bf16_to_the_machine_unless_it_is_given(
+    monkeypatch, tmp_path, cpu_bf16, given, expected
+):
+    # Through the command line and recipes as well: HfArgumentParser turns a bool
+    # field's default factory into False, so a default decided there never took effect.
+    machine(monkeypatch, cpu_bf16=cpu_bf16)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: x\n")
+    (args,), _ = parse_recipe_and_overrides(
+        (RunArguments,), [str(recipe), "--output_dir", str(tmp_path), *given]
+    )
+    assert args.bf16 is expected and args.use_cpu is expected
+    assert args.dataloader_pin_memory is False  # no GPU here
+
+
+def test_resolved_config_does_not_pin_the_cpu_that_bf16_needed(monkeypatch, tmp_path):
+    # use_cpu was set only because transformers asks for it with bf16 on a CPU-only
+    # machine: fed back as a recipe on a GPU machine, the file must not force the CPU.
+    from training.run import recipe_config
+
+    machine(monkeypatch, cpu_bf16=True)
+    args = RunArguments(output_dir=str(tmp_path), resume=True)
+    assert args.use_cpu
+    config = recipe_config(args)
+    assert config["use_cpu"] is False and config["bf16"] is True
+    assert config["resume"] is False and config["resume_from_checkpoint"] is None
+    assert recipe_config(RunArguments(output_dir=str(tmp_path), use_cpu=True))["use_cpu"] is True
