@@ -41,7 +41,13 @@ RECIPE = "training/recipes/intent/banking77.yaml"
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/banking77", help="BANKING77 folder")
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=200,
+        help="optimizer steps per run (short runs understate bf16, whose kernels are built "
+        "in the first steps)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--processes", type=int, default=2, help="torchrun processes")
     parser.add_argument("--batch", type=int, default=16, help="batch per process")
