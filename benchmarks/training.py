@@ -117,13 +117,15 @@ def train_once(
     }
 
 
+def layout(processes: int, threads: int) -> str:
+    if processes == 1:
+        return f"1 process x {threads} threads"
+    return f"{processes} processes (torchrun, gloo) x {max(1, threads // processes)} thread(s)"
+
+
 def layout_name(processes: int, threads: int, precision: str) -> str:
-    layout = (
-        f"1 process x {threads} threads"
-        if processes == 1
-        else f"{processes} processes (torchrun, gloo) x {max(1, threads // processes)} thread(s)"
-    )
-    return f"{layout}, {precision}"
+    """A cell's name: its layout and precision (the table splits them apart again)."""
+    return f"{layout(processes, threads)}, {precision}"
 
 
 def recorded(argv) -> list[str]:
@@ -174,9 +176,10 @@ def main(argv=None) -> int:
             **next(c for c in cells if c["examples_per_s"] == median),
             "examples_per_s_by_round": rates,
         }
-    rate = lambda p, precision: run["layouts"][layout_name(p, args.threads, precision)][  # noqa: E731
-        "examples_per_s"
-    ]
+
+    def rate(processes: int, precision: str) -> float:
+        return run["layouts"][layout_name(processes, args.threads, precision)]["examples_per_s"]
+
     run["speedups"] = {
         f"torchrun ({args.processes} processes) / 1 process, {precision}": round(
             rate(args.processes, precision) / rate(1, precision), 2
@@ -185,8 +188,7 @@ def main(argv=None) -> int:
     }
     if len(args.precisions) == 2:
         for processes in (1, args.processes):
-            name = layout_name(processes, args.threads, "").removesuffix(", ")
-            run["speedups"][f"bf16 / fp32, {name}"] = round(
+            run["speedups"][f"bf16 / fp32, {layout(processes, args.threads)}"] = round(
                 rate(processes, "bf16") / rate(processes, "fp32"), 2
             )
     print(write_runs(Path(args.out).parent, Path(args.out).name, "cpu", run, render))
