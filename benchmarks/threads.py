@@ -1,14 +1,17 @@
 """Thread policies of the CPU model workers, side by side on the same server.
 
-Three servers with the same bundle and defaults except for the thread policy take
-turns, round after round (the two not measured are paused), at concurrency 1 and 32:
+Four servers with the same bundle and defaults except for the thread policy take
+turns, round after round (those not measured are paused), at concurrency 1 and 32:
 
-- ``fixed``: each classify worker keeps its share of the cores (the default);
-- ``adaptive``: ``SUPPORTLENS_ADAPTIVE_THREADS=1``, a batch started while the other
-  workers are idle runs with their cores; idle OpenMP threads sleep (the server's
-  ``OMP_WAIT_POLICY=PASSIVE``);
-- ``adaptive-spin``: the same with OpenMP's own wait policy (its threads spin for a
-  while after each parallel region).
+- ``adaptive`` (the default): a batch started while the other classify workers are
+  idle runs with their cores; idle OpenMP threads spin about 0.1 ms, then sleep (the
+  server's ``GOMP_SPINCOUNT=10000``);
+- ``fixed``: ``SUPPORTLENS_ADAPTIVE_THREADS=0``, each worker keeps its share of the
+  cores;
+- ``adaptive-passive``: idle OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE``
+  alone: every parallel region wakes them again);
+- ``adaptive-spin``: OpenMP's own wait policy (its threads spin about 3 ms after each
+  parallel region).
 
     python benchmarks/threads.py --bundle runs/demo-intent/bundle
 
@@ -39,9 +42,10 @@ from benchmarks.serving import (
 )
 
 POLICIES = {
+    "adaptive": {},
     "fixed": {"SUPPORTLENS_ADAPTIVE_THREADS": "0"},
-    "adaptive": {"SUPPORTLENS_ADAPTIVE_THREADS": "1"},
-    "adaptive-spin": {"SUPPORTLENS_ADAPTIVE_THREADS": "1", "OMP_WAIT_POLICY": ""},
+    "adaptive-passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "adaptive-spin": {"OMP_WAIT_POLICY": ""},  # set, so the server leaves OpenMP's default
 }
 
 
@@ -58,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     texts = load_texts(args.data)
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # each policy sets its own
+        os.environ.pop(name, None)
     env = {
         "SUPPORTLENS_INTENT_BUNDLE": args.bundle,
         "SUPPORTLENS_SUMMARIZER_BUNDLE": "none",
@@ -115,7 +121,8 @@ def main(argv=None) -> int:
 
 
 def render(results: dict) -> str:
-    lines = ["# Thread policies of the CPU model workers", "", __doc__.split("\n\n")[1].strip()]
+    intro, policies = __doc__.split("\n\n")[1:3]
+    lines = ["# Thread policies of the CPU model workers", "", intro.strip(), "", policies.strip()]
     for kind, run in sorted(results["runs"].items()):
         m = run["machine"]
         lines += [

@@ -408,7 +408,9 @@ async def dispatch(server: SupportLensServer, api_path: str, body: Any, slots: t
     if not ok:
         status, detail, headers = payload
         raise ApiError(status, detail, headers=headers or None)
-    return payload
+    # The worker validated the response against the route's model and serialized it
+    # (service.worker.to_json); the route's response_model documents it.
+    return Response(payload, media_type="application/json")
 
 
 def _typed_endpoint(request_model, handle):

@@ -215,5 +215,5 @@ class ClassifyAPI(ls.LitAPI):
         return output
 
     def encode_response(self, output: list[dict[str, Any]]) -> ClassifyResponse:
-        """A plain dict in the shape of ``ClassifyResponse``; the route validates it."""
-        return {"model": self.model_info, "results": output}
+        """The response, validated here in the worker (the HTTP process sends it as is)."""
+        return ClassifyResponse.model_validate({"model": self.model_info, "results": output})

@@ -56,11 +56,12 @@ class Settings:
     summarize_workers: int = 1
     api_servers: int = 1
     torch_threads: int = 0
-    # On: on CPU, a batch that starts while other workers are idle runs with the cores
-    # they leave free (a lone request uses every core, as a single process would). Off
-    # (the default): each worker keeps its share; benchmarks/results/threads.md found no
-    # gain with sleeping OpenMP threads. See Supervisor.threads_for.
-    adaptive_threads: bool = False
+    # On (the default): on CPU, a batch that starts while other workers are idle runs
+    # with the cores they leave free (a lone request uses every core, as a single process
+    # would). Off: each worker keeps its share. It pays only with OpenMP threads that
+    # spin briefly between operations (service.server.set_openmp_waiting);
+    # benchmarks/results/threads.md compares the policies. See Supervisor.threads_for.
+    adaptive_threads: bool = True
     backend: str = "torch"
     onnx_precision: str = "int8"
     max_batch_size: int = 32

@@ -74,6 +74,25 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
+def set_openmp_waiting(environ) -> None:
+    """How long an idle OpenMP thread of a model worker spins before it sleeps.
+
+    A worker's thread count changes from batch to batch (``Supervisor.threads_for``), so
+    a thread left spinning after a batch steals the core another worker was just given
+    (with OpenMP's default of about 3 ms it multiplied a request's CPU time several
+    times over on a busy machine). Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) makes
+    every parallel region of a forward pass wake its threads again, and two threads
+    then ran a lone short message slower than one. So libgomp, the OpenMP that torch's
+    wheels ship, spins for ``GOMP_SPINCOUNT`` = 10,000 rounds (about 0.1 ms: between the
+    operations of one forward pass) and then sleeps; other OpenMP runtimes sleep at
+    once. An environment that sets either variable decides instead.
+    """
+    if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ:
+        return
+    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    environ["GOMP_SPINCOUNT"] = "10000"  # read by libgomp before OMP_WAIT_POLICY
+
+
 def main(argv: list[str] | None = None) -> int:
     """Start the server; returns the exit status."""
     if argv is None:
@@ -89,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.log_level, settings.log_format)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    # Idle OpenMP threads of the model workers sleep at once instead of spinning: a
-    # worker's thread count changes from batch to batch (Supervisor.threads_for), and a
-    # spinning thread of one worker steals the core another worker was just given
-    # (on a busy machine it multiplied a request's CPU time several times over).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    set_openmp_waiting(os.environ)
     built = []
     install_signal_handlers(lambda: built[0] if built else None)
     die_with_this_process()  # kill -9 of this process leaves no HTTP process behind

@@ -156,5 +156,5 @@ class SummarizeAPI(ls.LitAPI):
         return output
 
     def encode_response(self, output: list[dict[str, Any]]) -> SummarizeResponse:
-        """A plain dict in the shape of ``SummarizeResponse``; the route validates it."""
-        return {"model": self.model_info, "results": output}
+        """The response, validated here in the worker (the HTTP process sends it as is)."""
+        return SummarizeResponse.model_validate({"model": self.model_info, "results": output})

@@ -26,6 +26,7 @@ from typing import Any
 from fastapi import HTTPException
 from litserve.callbacks import EventTypes
 from litserve.loops import LitLoop, inference_worker
+from pydantic import ConfigDict, TypeAdapter
 
 from service.logs import REQUEST_ID, configure_logging
 from service.signals import ignore_shutdown_signals
@@ -74,6 +75,21 @@ def run_worker(*args) -> None:
     lit_api = args[0]
     configure_logging(lit_api.settings.log_level, lit_api.settings.log_format)
     inference_worker(*args)
+
+
+_JSON = TypeAdapter(Any, config=ConfigDict(ser_json_inf_nan="null"))  # strict JSON: no NaN
+
+
+def to_json(response: Any) -> bytes:
+    """The response body, serialized once, here.
+
+    The HTTP process sends these bytes as they are (``service.app.dispatch``). Left to
+    FastAPI, the route's ``response_model`` would dump the model, validate the dump
+    again and serialize it, in the HTTP process that every request of the server shares
+    and on the path of each answer; the worker's own pydantic validation (in
+    ``encode_response``) already holds the response to that schema.
+    """
+    return _JSON.dump_json(response)
 
 
 def _error(error: Exception) -> tuple[int, str]:
@@ -191,7 +207,7 @@ class SupervisedLoop(LitLoop):
                 continue
             try:
                 self._event(EventTypes.BEFORE_ENCODE_RESPONSE, lit_api)
-                body = lit_api.encode_response(output)
+                body = to_json(lit_api.encode_response(output))
                 self._event(EventTypes.AFTER_ENCODE_RESPONSE, lit_api)
             except Exception as error:
                 conn.send(("error", job.uid, _error(error)))

@@ -103,6 +103,9 @@ class ServerProcess:
             **env,
         }
         full_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):  # the server's own choice
+            if name not in env:
+                full_env.pop(name, None)
         self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "service.server"],

@@ -59,3 +59,13 @@ def test_server_uses_a_given_metrics_dir_and_clears_only_its_counts(temp_root, m
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(given))
     assert server.prepare_metrics_dir() is None
     assert sorted(p.name for p in given.iterdir()) == ["keep.txt"]
+
+
+def test_server_openmp_waiting_spins_briefly_unless_the_environment_decides():
+    environ: dict[str, str] = {}
+    server.set_openmp_waiting(environ)
+    assert environ == {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "10000"}
+    for given in ({"OMP_WAIT_POLICY": "ACTIVE"}, {"GOMP_SPINCOUNT": "0"}):
+        environ = dict(given)
+        server.set_openmp_waiting(environ)
+        assert environ == given

@@ -120,11 +120,11 @@ def test_dispatcher_gives_work_to_the_idle_worker_of_lowest_rank(dispatcher):
     assert taken == {0: ["a"], 1: []}
 
 
-def test_supervisor_keeps_each_share_by_default():
+def test_supervisor_gives_a_lone_batch_every_core_by_default_on_cpu():
     config = Settings(device="cpu", workers=2, torch_threads=1)
     supervisor = Supervisor(None, SharedState({"/v1/classify": 2}), config)
     supervisor.handles = [SimpleNamespace(base_threads=1, threads=0) for _ in range(2)]
-    assert supervisor.threads_for(supervisor.handles[0]) == 1
+    assert supervisor.threads_for(supervisor.handles[0]) == 2
 
 
 def _http_process(pipes: RequestPipes, producer: int, uids: str) -> None:

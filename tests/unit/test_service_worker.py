@@ -72,7 +72,7 @@ def job(uid, payload, deadline_in=30.0):
 
 def test_worker_loop_fires_litserve_callbacks_in_order():
     _, recorder, answers = serve([job("a", "hi")])
-    assert answers["a"] == ("ok", "a", {"text": "HI"})
+    assert answers["a"] == ("ok", "a", b'{"text":"HI"}')  # serialized in the worker
     assert recorder.events == [
         "on_before_decode_request",
         "on_after_decode_request",
@@ -85,8 +85,8 @@ def test_worker_loop_fires_litserve_callbacks_in_order():
 
 def test_worker_loop_keeps_one_failure_to_its_request():
     api, _, answers = serve([job("a", "one"), job("b", "bad"), job("c", "refuse"), job("d", "two")])
-    assert answers["a"] == ("ok", "a", {"text": "ONE"})
-    assert answers["d"] == ("ok", "d", {"text": "TWO"})
+    assert answers["a"] == ("ok", "a", b'{"text":"ONE"}')
+    assert answers["d"] == ("ok", "d", b'{"text":"TWO"}')
     assert answers["c"] == ("error", "c", (422, "texts[0]: refused"))
     # The failing request gets a 500 without the exception's text (it may quote the user).
     assert answers["b"] == ("error", "b", (500, "internal error while processing this request"))
