@@ -195,7 +195,7 @@ def render_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_draw(directory: Path, pretrained_name: str | None = None):
+def load_draw(directory: Path):
     """The bundle's model and tokenizer, the pretrained backbone, the split data and the
     resolved recipe of one draw of ``benchmarks/out_of_scope.py``."""
     import yaml
@@ -206,7 +206,7 @@ def load_draw(directory: Path, pretrained_name: str | None = None):
 
     recipe = yaml.safe_load((directory / "resolved_config.yaml").read_text())
     bundle = load_bundle(directory / "bundle")
-    pretrained, _ = load_backbone(pretrained_name or recipe["backbone"])
+    pretrained, _ = load_backbone(recipe["backbone"])
     pretrained.eval()
     data = load_intent_data(
         recipe["train_file"],

@@ -79,7 +79,7 @@ def test_score_draw_separates_far_messages_and_not_lookalikes():
     assert all(figures["auroc"] < 80 for figures in mixed["same"].values())
 
 
-def test_table_reports_every_pair_with_its_spread_and_the_highest(tmp_path):
+def test_table_reports_every_pair_with_its_spread_and_the_highest():
     def draw(seed, auroc):
         return {
             "seed": seed,
