@@ -73,16 +73,12 @@ def representations(
     model, pretrained, tokenizer, texts: list[str], max_length: int, batch_size: int = 128
 ):
     """Every representation of :data:`REPRESENTATIONS` for ``texts``, as ``{name: (N, D)}``."""
-    from models.tokenization import encode_texts
+    from models.tokenization import encode_texts, model_inputs
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in REPRESENTATIONS}
     for start in range(0, len(texts), batch_size):
         encoding, _ = encode_texts(tokenizer, texts[start : start + batch_size], max_length)
-        inputs = {
-            k: encoding[k]
-            for k in ("input_ids", "attention_mask", "token_type_ids")
-            if k in encoding
-        }
+        inputs = model_inputs(encoding)
         mask = inputs["attention_mask"]  # (B, T)
         with torch.inference_mode():
             encoded = model.encoder(**inputs, output_hidden_states=True)

@@ -13,7 +13,8 @@ on every 15th test message.
     python benchmarks/training.py --steps 200 --rounds 2
 
 Time to 92.5% BANKING77 test accuracy (issue 13, item 5) needs a GPU and is not
-measured here. Results: ``benchmarks/results/training.md`` / ``.json``.
+measured here; its recipe is ``training/recipes/intent/banking77-gpu.yaml``, run by
+``python benchmarks/banking77.py --recipe training/recipes/intent/banking77-gpu.yaml``. Results: ``benchmarks/results/training.md`` / ``.json``.
 """
 
 from __future__ import annotations

@@ -34,6 +34,10 @@ class ClassifierConfig(PreTrainedConfig):
     pooling_heads: int = 1
     dropout: float = 0.1
     label_smoothing: float = 0.0
+    # R-Drop (Liang et al. 2021): in training, each batch runs twice under different dropout
+    # masks and the loss adds this weight times the symmetric KL divergence of the two
+    # predictions. 0 turns it off; inference is unchanged either way.
+    rdrop_alpha: float = 0.0
     # Token ids never pooled over ([CLS], [SEP], [PAD], ...) when exclude_special_tokens.
     special_token_ids: list[int] | None = None
     exclude_special_tokens: bool = True
@@ -144,6 +148,15 @@ class IntentClassifier(SupportLensPreTrainedModel):
         so asking costs nothing). Other keyword arguments (Trainer's ``num_items_in_batch``) are not used."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        rdrop = self.training and labels is not None and self.config.rdrop_alpha > 0
+        if rdrop:
+            # Two copies of the batch in one pass: their dropout masks differ.
+            input_ids = input_ids.repeat(2, 1)  # (2B, T)
+            attention_mask = attention_mask.repeat(2, 1)  # (2B, T)
+            if token_type_ids is not None:
+                token_type_ids = token_type_ids.repeat(2, 1)  # (2B, T)
+            if pooling_mask is not None:
+                pooling_mask = pooling_mask.repeat(2, 1)  # (2B, T)
         encoder_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             encoder_kwargs["token_type_ids"] = token_type_ids
@@ -156,7 +169,10 @@ class IntentClassifier(SupportLensPreTrainedModel):
             mask = pooling_mask.to(torch.bool)  # (B, T)
         logits, pooled, weights = self.classify(encoded.last_hidden_state, mask)
         loss = None
-        if labels is not None:
+        if rdrop:
+            loss = self.rdrop_loss(logits.float(), labels)
+            logits, pooled, weights, mask = (x.chunk(2)[0] for x in (logits, pooled, weights, mask))
+        elif labels is not None:
             loss = F.cross_entropy(
                 logits.float(), labels, label_smoothing=self.config.label_smoothing
             )
@@ -168,6 +184,17 @@ class IntentClassifier(SupportLensPreTrainedModel):
             attentions=encoded.attentions if output_attentions else None,
             pooled=pooled if output_pooled else None,
         )
+
+    def rdrop_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of both passes plus ``rdrop_alpha`` times their symmetric KL
+        divergence; ``logits`` (2B, C) holds the first pass, then the second."""
+        first, second = logits.chunk(2)  # (B, C) each
+        ce = F.cross_entropy(logits, labels.repeat(2), label_smoothing=self.config.label_smoothing)
+        log_p, log_q = F.log_softmax(first, dim=-1), F.log_softmax(second, dim=-1)
+        kl = F.kl_div(log_p, log_q, log_target=True, reduction="batchmean") + F.kl_div(
+            log_q, log_p, log_target=True, reduction="batchmean"
+        )
+        return ce + self.config.rdrop_alpha * kl / 2
 
     def classify(
         self, hidden_states: torch.Tensor, mask: torch.Tensor

@@ -52,7 +52,7 @@ from transformers import BatchEncoding, PreTrainedTokenizerBase
 
 from models.classifier import IntentClassifier
 from models.faithfulness import DEFAULT_BINS, Faithfulness, Variants, plan
-from models.tokenization import encode_texts
+from models.tokenization import encode_texts, model_inputs
 
 METHODS = ("attention", "rollout", "integrated_gradients", "gradient_x_input", "occlusion")
 
@@ -271,8 +271,7 @@ class Explainer:
         return encode_texts(self.tokenizer, texts, self.max_length)[0]
 
     def _inputs(self, encoding: BatchEncoding) -> dict[str, torch.Tensor]:
-        keys = ("input_ids", "attention_mask", "token_type_ids")
-        return {k: encoding[k].to(self.device) for k in keys if k in encoding}
+        return model_inputs(encoding, self.device)
 
     @staticmethod
     def _keep(encoding: BatchEncoding) -> torch.Tensor:

@@ -12,7 +12,7 @@ from transformers import BatchEncoding
 from models.bundle import Bundle
 from models.classifier import ClassifierOutput
 from models.packing import can_pack
-from models.tokenization import encode_texts
+from models.tokenization import encode_texts, model_inputs
 
 OUT_OF_SCOPE = "out_of_scope"
 
@@ -138,8 +138,7 @@ class IntentPredictor:
         return encode_texts(self.tokenizer, texts, self.max_length)
 
     def model_inputs(self, encoding: BatchEncoding) -> dict[str, torch.Tensor]:
-        keys = ("input_ids", "attention_mask", "token_type_ids")
-        return {k: encoding[k].to(self.device) for k in keys if k in encoding}
+        return model_inputs(encoding, self.device)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled softmax (the calibrated confidence)."""

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from transformers import BatchEncoding, PreTrainedTokenizerBase
+
+# What the encoders read of an encoding (not the offsets, nor the overflow).
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def encode_texts(
@@ -27,3 +31,11 @@ def encode_texts(
         return_offsets_mapping=True,
     )
     return encoding, [bool(e.overflowing) for e in encoding.encodings]
+
+
+def model_inputs(
+    encoding: BatchEncoding, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``encoding`` that the model reads, on ``device`` (left where they are
+    when None)."""
+    return {k: encoding[k].to(device) for k in MODEL_INPUTS if k in encoding}

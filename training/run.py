@@ -355,6 +355,9 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
         "epochs": trainer.state.epoch,
         "global_step": trainer.state.global_step,
         "best_checkpoint": trainer.state.best_model_checkpoint,
+        # The validation figure the best checkpoint was kept for (recipes are chosen on it).
+        "metric_for_best_model": args.metric_for_best_model,
+        "best_metric": trainer.state.best_metric,
         "resumed_from": checkpoint,
         "device": str(args.device),
         "world_size": args.world_size,

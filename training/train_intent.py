@@ -34,6 +34,7 @@ from transformers import EvalPrediction, Trainer
 
 from models.backbone import DEFAULT_BACKBONE
 from models.classifier import ClassifierConfig, IntentClassifier
+from models.tokenization import MODEL_INPUTS
 from training.data import load_intent_data, tokenize_splits
 from training.evaluation import (
     OOS_COVERAGE,
@@ -49,7 +50,6 @@ from training.recipe import RecipeError
 from training.run import Evaluation, RunArguments, TrainingTask, TrainResult, run, run_cli
 
 logger = logging.getLogger("training.train_intent")
-MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 TASK = "intent-classification"
 
 
@@ -86,6 +86,10 @@ class ModelArguments:
     pooling_heads: int = field(default=1)
     dropout: float = field(default=0.1)
     label_smoothing: float = field(default=0.0)
+    rdrop_alpha: float = field(
+        default=0.0,
+        metadata={"help": "R-Drop weight: each batch runs twice (about 2x the training cost)."},
+    )
 
 
 @dataclass
@@ -249,6 +253,7 @@ class IntentTask(TrainingTask):
             pooling_heads=m.pooling_heads,
             dropout=m.dropout,
             label_smoothing=m.label_smoothing,
+            rdrop_alpha=m.rdrop_alpha,
             special_token_ids=sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}),
         )
         return IntentClassifier(config, encoder)

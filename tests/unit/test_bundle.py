@@ -101,6 +101,36 @@ def test_classifier_keeps_the_pretrained_encoder_it_wraps(tiny_backbone):
     assert model.config.encoder is model.encoder.config
 
 
+def test_classifier_rdrop_adds_the_kl_of_two_dropout_passes(classifier):
+    model, tokenizer = classifier
+    batch = tokenizer(["where is my parcel", "hi"], padding=True, return_tensors="pt")
+    labels = torch.tensor([0, 2])
+    model.config.rdrop_alpha, model.config.label_smoothing = 4.0, 0.1
+    model.train()
+    torch.manual_seed(1)
+    out = model(**batch, labels=labels, output_pooling_weights=True)
+    # The same two passes by hand: the batch twice in one call draws the same dropout masks.
+    model.config.rdrop_alpha = 0.0
+    torch.manual_seed(1)
+    twice = model(**{k: v.repeat(2, 1) for k, v in batch.items()}).logits
+    first, second = twice.float().log_softmax(-1).chunk(2)
+    ce = torch.nn.functional.cross_entropy(twice.float(), labels.repeat(2), label_smoothing=0.1)
+    kl = (first.exp() * (first - second)).sum(-1) + (second.exp() * (second - first)).sum(-1)
+    assert out.logits.shape == (2, 3) and out.pooling_weights.shape[0] == 2
+    assert torch.allclose(out.logits, twice[:2])
+    assert not torch.allclose(twice[:2], twice[2:])  # the masks differed
+    assert torch.allclose(out.loss, ce + 4.0 * kl.mean() / 2, atol=1e-5)
+    # Inference never doubles the batch.
+    model.config.rdrop_alpha = 4.0
+    model.eval()
+    evaluated = model(**batch, labels=labels)
+    assert evaluated.logits.shape == (2, 3)
+    assert torch.allclose(
+        evaluated.loss,
+        torch.nn.functional.cross_entropy(evaluated.logits, labels, label_smoothing=0.1),
+    )
+
+
 def test_bundle_round_trip_gives_identical_predictions(tmp_path, classifier):
     path = _save(tmp_path, classifier)
     loaded = load_bundle(path, task="intent-classification")

@@ -88,3 +88,26 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path):
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
     assert [p.name for p in target.parent.iterdir()] == ["out.txt"]
+
+
+@pytest.mark.parametrize("task", ["intent", "summarizer"])
+def test_every_committed_recipe_parses_with_its_training_script(task):
+    from pathlib import Path
+
+    from training import train_intent, train_summarizer
+
+    script = {"intent": train_intent, "summarizer": train_summarizer}[task]
+    types = (script.DataArguments, script.ModelArguments)
+    types += (
+        train_intent.IntentTrainingArguments
+        if task == "intent"
+        else train_summarizer.SummarizerTrainingArguments,
+    )
+    recipes = sorted((Path(__file__).parents[2] / "training/recipes" / task).glob("*.yaml"))
+    assert recipes
+    for recipe in recipes:
+        parsed, _ = parse_recipe_and_overrides(types, [str(recipe), "--output_dir", "elsewhere"])
+        for key, value in load_recipe(recipe).items():
+            (got,) = {getattr(p, key) for p in parsed if hasattr(p, key)}
+            wanted = "elsewhere" if key == "output_dir" else value
+            assert got == wanted or str(got).endswith(str(wanted)), (recipe.name, key)
