@@ -125,7 +125,7 @@ def layout(processes: int, threads: int) -> str:
 
 
 def layout_name(processes: int, threads: int, precision: str) -> str:
-    """A cell's name: its layout and precision (the table splits them apart again)."""
+    """A cell's name: its layout and precision (each cell also keeps both on their own)."""
     return f"{layout(processes, threads)}, {precision}"
 
 
@@ -168,7 +168,8 @@ def main(argv=None) -> int:
                     name = layout_name(processes, args.threads, precision)
                     output_dir = Path(tmp) / f"run-{round_}-{processes}-{precision}"
                     cell = train_once(args, processes, precision, output_dir, files)
-                    samples.setdefault(name, []).append(cell)
+                    described = {"layout": layout(processes, args.threads), "precision": precision}
+                    samples.setdefault(name, []).append({**described, **cell})
                     print(f"round {round_ + 1}: {name}: {cell}", flush=True)
     for name, cells in samples.items():
         rates = [c["examples_per_s"] for c in cells]
@@ -217,11 +218,10 @@ def render(results: dict) -> str:
             "| layout | precision | examples/s (median round) | by round | steps | training time s |",
             "|---|---|---|---|---|---|",
         ]
-        for name, cell in run["layouts"].items():
-            layout, precision = name.rsplit(", ", 1)
+        for cell in run["layouts"].values():
             rounds = " / ".join(str(x) for x in cell["examples_per_s_by_round"])
             lines.append(
-                f"| {layout} | {precision} | {cell['examples_per_s']} | {rounds} | "
+                f"| {cell['layout']} | {cell['precision']} | {cell['examples_per_s']} | {rounds} | "
                 f"{cell['global_step']} | {cell['train_time_s']} |"
             )
         lines += [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.training import layout_name, render
+from benchmarks.training import layout, layout_name, render
 
 pytestmark = pytest.mark.unit
 
@@ -12,6 +12,8 @@ pytestmark = pytest.mark.unit
 def test_training_table_shows_each_layout_in_each_precision_and_the_speed_ups():
     layouts = {
         layout_name(processes, 2, precision): {
+            "layout": layout(processes, 2),
+            "precision": precision,
             "examples_per_s": rate,
             "examples_per_s_by_round": [rate, rate + 1],
             "global_step": 200,
