@@ -130,11 +130,14 @@ def render_markdown(results: dict) -> str:
     ]
     for key, run in sorted(results["runs"].items()):
         rows = seed_rows(run)
-        device = f"{key.split('/')[0]} ({hardware(run['machine'])}) | `{Path(run['recipe']).name}`"
+        # The device and recipe cells that start each of this run's rows.
+        run_cells = (
+            f"{key.split('/')[0]} ({hardware(run['machine'])}) | `{Path(run['recipe']).name}`"
+        )
         for row in rows:
             m = row["metrics"]
             lines.append(
-                f"| {device} | {row['seed']} "
+                f"| {run_cells} | {row['seed']} "
                 f"| {m['accuracy']:.2f} | {m['macro_f1']:.2f} | {m['ece_before']:.2f} | "
                 f"{m['ece_after']:.2f} | {validation_cell(row.get('validation'))} "
                 f"| {row['epochs']:.1f} | {m['wall_time_min']:.1f} min |"
@@ -147,7 +150,7 @@ def render_markdown(results: dict) -> str:
                 f"{statistics.mean(v['value'] for v in validation):.2f}" if all(validation) else "–"
             )
             lines.append(
-                f"| {device} | mean ± spread | {' | '.join(cells)} "
+                f"| {run_cells} | mean ± spread | {' | '.join(cells)} "
                 f"| {mean} | | {summary['wall_time_min']['mean']:.1f} min |"
             )
     lines += [

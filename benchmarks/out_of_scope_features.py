@@ -192,31 +192,26 @@ def render_markdown(results: dict) -> str:
 
 
 def load_draw(directory: Path):
-    """The bundle's model and tokenizer, the pretrained backbone, the split data and the
-    resolved recipe of one draw of ``benchmarks/out_of_scope.py``."""
-    import yaml
+    """The bundle, the pretrained backbone, the split data and the parsed arguments
+    ``(data_args, model_args, args)`` of one draw of ``benchmarks/out_of_scope.py``.
 
+    The data is split again by the training script's own data step from the run's resolved
+    recipe, so every split is the one the draw trained with."""
     from models.backbone import load_backbone
     from models.bundle import load_bundle
-    from training.data import load_intent_data
+    from training.recipe import parse_recipe_and_overrides
+    from training.train_intent import IntentTask
 
-    recipe = yaml.safe_load((directory / "resolved_config.yaml").read_text())
-    bundle = load_bundle(directory / "bundle")
-    pretrained, _ = load_backbone(recipe["backbone"])
-    pretrained.eval()
-    data = load_intent_data(
-        recipe["train_file"],
-        recipe.get("validation_file"),
-        recipe["test_file"],
-        text_column=recipe["text_column"],
-        label_column=recipe["label_column"],
-        validation_size=recipe["validation_size"],
-        seed=recipe["seed"],
-        oos_label=recipe["oos_label"],
+    arguments, _ = parse_recipe_and_overrides(
+        IntentTask.argument_types, [str(directory / "resolved_config.yaml")]
     )
-    if list(data.labels) != list(bundle.labels):
+    task = IntentTask(*arguments)
+    task.load_data()
+    bundle = load_bundle(directory / "bundle")
+    if list(task.data.labels) != list(bundle.labels):
         raise SystemExit(f"error: {directory}: the data's intents differ from the bundle's")
-    return bundle, pretrained, data, recipe
+    pretrained, _ = load_backbone(task.model_args.backbone)
+    return bundle, pretrained.eval(), task.data, arguments
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -245,13 +240,15 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     draws, training = [], None
     for seed in args.seeds:
-        bundle, pretrained, data, recipe = load_draw(Path(args.runs_dir) / f"seed-{seed}")
+        bundle, pretrained, data, (data_args, _, train_args) = load_draw(
+            Path(args.runs_dir) / f"seed-{seed}"
+        )
         features = functools.partial(
             representations,
             bundle.model.eval(),
             pretrained,
             bundle.tokenizer,
-            max_length=int(recipe["max_length"]),
+            max_length=data_args.max_length,
         )
         train = data.splits["train"]
         detectors = score_draw(
@@ -261,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             features(data.out_of_scope["test"]["text"]),
             len(data.labels),
         )
-        training = f"{bundle.training.get('recipe')}, {recipe['num_train_epochs']:g} epochs"
+        training = f"{bundle.training.get('recipe')}, {train_args.num_train_epochs:g} epochs"
         draws.append({"seed": seed, "detectors": detectors})
         print(f"seed {seed}: done", flush=True)
     run = {

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,7 @@ from models.classifier import ClassifierConfig, IntentClassifier
 from models.tokenization import encode_texts
 
 pytestmark = pytest.mark.unit
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_representations_reads_the_classifier_and_the_untouched_backbone(tiny_backbone):
@@ -120,3 +123,51 @@ def test_main_refuses_missing_draws_with_one_line(tmp_path, capsys):
     assert main(["--runs_dir", str(tmp_path), "--seeds", "1"]) == 2
     error = capsys.readouterr().err
     assert error.startswith("error: no trained draw for seeds [1]") and error.count("\n") == 1
+
+
+def test_load_draw_splits_the_data_as_the_training_run_did(tmp_path, tiny_backbone):
+    from benchmarks.out_of_scope_features import load_draw
+    from models.bundle import save_bundle
+    from training.data import load_intent_data
+    from training.recipe import parse_recipe_and_overrides, write_yaml
+    from training.run import recipe_config
+    from training.train_intent import IntentTask
+
+    demo = REPO / "training" / "demo"
+    arguments, _ = parse_recipe_and_overrides(
+        IntentTask.argument_types,
+        [
+            str(REPO / "training/recipes/intent/demo.yaml"),
+            *("--train_file", str(demo / "intents.csv")),
+            *("--test_file", str(demo / "intents_test.csv")),
+            *("--backbone", str(tiny_backbone), "--seed", "7", "--max_length", "24"),
+            *("--output_dir", str(tmp_path)),
+        ],
+    )
+    write_yaml(tmp_path / "resolved_config.yaml", recipe_config(*arguments))
+    data_args = arguments[0]
+    expected = load_intent_data(
+        data_args.train_file,
+        test_file=data_args.test_file,
+        text_column=data_args.text_column,
+        label_column=data_args.label_column,
+        validation_size=data_args.validation_size,
+        seed=7,
+    )
+    encoder, tokenizer = load_backbone(str(tiny_backbone))
+    model = IntentClassifier(ClassifierConfig(num_labels=len(expected.labels)), encoder)
+    save = dict(
+        task="intent-classification", calibration={"temperature": 1.0, "oos_threshold": 0.1}
+    )
+    save_bundle(tmp_path / "bundle", model, tokenizer, labels=expected.labels, **save)
+
+    bundle, pretrained, data, (loaded_data, _, loaded_args) = load_draw(tmp_path)
+    assert loaded_data.max_length == 24 and loaded_args.seed == 7
+    assert not pretrained.training and list(bundle.labels) == expected.labels
+    for split in ("train", "validation", "test"):
+        assert data.splits[split]["text"] == expected.splits[split]["text"], split
+
+    reordered = [*expected.labels[1:], expected.labels[0]]
+    save_bundle(tmp_path / "bundle", model, tokenizer, labels=reordered, **save)
+    with pytest.raises(SystemExit, match="the data's intents differ from the bundle's"):
+        load_draw(tmp_path)
