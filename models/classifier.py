@@ -38,6 +38,11 @@ class ClassifierConfig(PreTrainedConfig):
     # masks and the loss adds this weight times the symmetric KL divergence of the two
     # predictions. 0 turns it off; inference is unchanged either way.
     rdrop_alpha: float = 0.0
+    # Knowledge distillation (Hinton et al. 2015): when a batch carries a teacher's logits,
+    # the loss is (1 - alpha) times the loss above plus alpha times T^2 times the KL
+    # divergence of the student's temperature-T distribution from the teacher's.
+    distillation_alpha: float = 0.5
+    distillation_temperature: float = 2.0
     # Token ids never pooled over ([CLS], [SEP], [PAD], ...) when exclude_special_tokens.
     special_token_ids: list[int] | None = None
     exclude_special_tokens: bool = True
@@ -140,12 +145,15 @@ class IntentClassifier(SupportLensPreTrainedModel):
         output_attentions: bool = False,
         pooling_mask: torch.Tensor | None = None,
         output_pooled: bool = False,
+        teacher_logits: torch.Tensor | None = None,
         **kwargs,
     ) -> ClassifierOutput:
         """``pooling_mask`` (B, T) overrides the tokens pooled over; explanations pass the
         input's mask with a [PAD]-substituted baseline so both are read at the same positions.
         ``output_pooled`` returns the pooled features (B, N*H) before dropout (computed anyway,
-        so asking costs nothing). Other keyword arguments (Trainer's ``num_items_in_batch``) are not used."""
+        so asking costs nothing). ``teacher_logits`` (B, C), in training with ``labels``, adds
+        the distillation term (see ``ClassifierConfig``). Other keyword arguments (Trainer's
+        ``num_items_in_batch``) are not used."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         rdrop = self.training and labels is not None and self.config.rdrop_alpha > 0
@@ -176,6 +184,8 @@ class IntentClassifier(SupportLensPreTrainedModel):
             loss = F.cross_entropy(
                 logits.float(), labels, label_smoothing=self.config.label_smoothing
             )
+        if loss is not None and teacher_logits is not None and self.training:
+            loss = self.distillation_loss(loss, logits.float(), teacher_logits.float())
         return ClassifierOutput(
             loss=loss,
             logits=logits,
@@ -195,6 +205,20 @@ class IntentClassifier(SupportLensPreTrainedModel):
             log_q, log_p, log_target=True, reduction="batchmean"
         )
         return ce + self.config.rdrop_alpha * kl / 2
+
+    def distillation_loss(
+        self, loss: torch.Tensor, logits: torch.Tensor, teacher_logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Mix ``loss`` (from the labels) with the KL divergence of the student's softened
+        prediction from the teacher's, scaled by T^2 so its gradients keep their size."""
+        alpha, t = self.config.distillation_alpha, self.config.distillation_temperature
+        kl = F.kl_div(
+            F.log_softmax(logits / t, dim=-1),
+            F.log_softmax(teacher_logits / t, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return (1 - alpha) * loss + alpha * t * t * kl
 
     def classify(
         self, hidden_states: torch.Tensor, mask: torch.Tensor

@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_tiny_backbone(directory: Path, seed: int = 0) -> Path:
+def make_tiny_backbone(directory: Path, seed: int = 0, hidden_size: int = 32) -> Path:
     """Write a tiny random BERT encoder and the MiniLM tokenizer into ``directory``."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -34,7 +34,7 @@ def make_tiny_backbone(directory: Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(resolve_backbone(), local_files_only=True)
     config = BertConfig(
         vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
+        hidden_size=hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         intermediate_size=64,

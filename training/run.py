@@ -118,8 +118,20 @@ class RunArguments(TrainingArguments):
     )
     # Pinned memory only helps host-to-GPU copies (and warns on CPU-only machines).
     dataloader_pin_memory: bool | None = field(default=None)
+    layerwise_lr_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Learning-rate factor per encoder layer below the top (1: off): the heads "
+            "train at learning_rate, the top layer at that times the factor, each layer "
+            "below at one more factor, the embeddings at the lowest."
+        },
+    )
 
     def __post_init__(self):
+        if not 0 < self.layerwise_lr_decay <= 1:
+            raise RecipeError(
+                f"layerwise_lr_decay must be in (0, 1], got {self.layerwise_lr_decay}"
+            )
         if self.bf16 is None:
             self.bf16 = bf16_default()
         if self.dataloader_pin_memory is None:
@@ -131,6 +143,61 @@ class RunArguments(TrainingArguments):
         if self.bf16 and cpu_only():
             self.use_cpu = True
         super().__post_init__()
+
+
+def layerwise_lr_groups(
+    model: torch.nn.Module,
+    learning_rate: float,
+    decay: float,
+    weight_decay: float,
+    decayed: set[str],
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for layer-wise learning-rate decay (Clark et al. 2020):
+    ``learning_rate * decay**depth``, where depth is 0 outside the encoder (pooling, heads),
+    1 for the encoder's top layer, ..., L for its first and L + 1 for its embeddings.
+    ``decayed`` names the parameters that take ``weight_decay`` (Trainer's choice)."""
+    layer = re.compile(r"\.layers?\.(\d+)\.")
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    indices = [
+        int(m.group(1)) for n in names if n.startswith("encoder.") and (m := layer.search(n))
+    ]
+    top = max(indices, default=-1) + 1  # L
+
+    def depth(name: str) -> int:
+        if not name.startswith("encoder."):
+            return 0
+        if "embeddings" in name:
+            return top + 1
+        found = layer.search(name)
+        return top - int(found.group(1)) if found else 0
+
+    groups: dict[tuple[int, bool], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups.setdefault((depth(name), name in decayed), []).append(parameter)
+    return [
+        {"params": params, "lr": learning_rate * decay**d, "weight_decay": weight_decay * wd}
+        for (d, wd), params in sorted(groups.items())
+    ]
+
+
+class RunTrainer(Trainer):
+    """Trainer plus layer-wise learning-rate decay; Trainer builds one learning rate for all
+    parameters, so with ``layerwise_lr_decay`` < 1 the optimizer gets per-depth groups (its
+    class and other settings still come from Trainer, so ``optim`` keeps working)."""
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        decay = getattr(self.args, "layerwise_lr_decay", 1.0)
+        if self.optimizer is not None or decay == 1.0:
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decayed = set(self.get_decay_parameter_names(model))
+        groups = layerwise_lr_groups(
+            model, self.args.learning_rate, decay, self.args.weight_decay, decayed
+        )
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
 
 def recipe_config(*instances: Any) -> dict[str, Any]:
@@ -326,7 +393,7 @@ def run(task_type: type[TrainingTask], argv: list[str] | None = None) -> TrainRe
     model = task.build_model(encoder, tokenizer)
 
     # Training
-    trainer = Trainer(
+    trainer = RunTrainer(
         model=model,
         args=args,
         processing_class=tokenizer,

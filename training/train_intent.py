@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader
 from transformers import EvalPrediction, Trainer
 
 from models.backbone import DEFAULT_BACKBONE
+from models.bundle import BundleError, load_bundle
 from models.classifier import ClassifierConfig, IntentClassifier
-from models.tokenization import MODEL_INPUTS
+from models.tokenization import MODEL_INPUTS, encode_texts, model_inputs
 from training.data import load_intent_data, tokenize_splits
 from training.evaluation import (
     OOS_COVERAGE,
@@ -89,6 +90,19 @@ class ModelArguments:
     rdrop_alpha: float = field(
         default=0.0,
         metadata={"help": "R-Drop weight: each batch runs twice (about 2x the training cost)."},
+    )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "Intent bundle to distill from (same intents, trained on the same split); "
+            "its logits on the training messages are computed once, before training."
+        },
+    )
+    distillation_alpha: float = field(
+        default=0.5, metadata={"help": "Weight of the teacher's term in the loss (0-1)."}
+    )
+    distillation_temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature of the distillation term."}
     )
 
 
@@ -210,6 +224,46 @@ def out_of_scope_metrics(
     }
 
 
+def teacher_logits(
+    directory: str,
+    texts: list[str],
+    labels: list[str],
+    split: dict[str, Any],
+    max_length: int,
+    batch_size: int,
+    device: str = "cpu",
+) -> np.ndarray:
+    """The teacher bundle's logits (N, C) on ``texts``, in the student's label order.
+
+    The teacher must have the same intents, and must have been trained on the same
+    train/validation split (as its training record says): a teacher that saw the
+    student's validation messages would leak them into the student, and the checkpoint,
+    calibration and out-of-scope threshold chosen on validation would be optimistic."""
+    try:
+        bundle = load_bundle(directory, task=TASK, device=device)
+    except BundleError as exc:
+        raise RecipeError(f"teacher: {exc}") from None
+    if bundle.labels != labels:
+        raise RecipeError(f"teacher {directory}: its intents differ from the training data's")
+    recorded = {**bundle.training.get("data", {}), "seed": bundle.training.get("seed")}
+    # Bundles written before validation_size was recorded are compared on the rest.
+    differs = sorted(k for k, v in split.items() if k in recorded and recorded[k] != v)
+    if differs:
+        raise RecipeError(
+            f"teacher {directory} was trained on another split ({', '.join(differs)} "
+            "differ): the student's validation messages would not be held out from it"
+        )
+    # Batches of similar lengths (sorted by characters) pad little; rows go back in order.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    logits = torch.empty(len(texts), len(labels))  # (N, C)
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            encoding, _ = encode_texts(bundle.tokenizer, [texts[i] for i in rows], max_length)
+            logits[rows] = bundle.model(**model_inputs(encoding, device)).logits.float().cpu()
+    return logits.numpy()
+
+
 def check_arguments(data_args: DataArguments, args: IntentTrainingArguments) -> None:
     """Reject values the libraries would only fail on deep inside training."""
     if data_args.max_length < 4:
@@ -229,6 +283,13 @@ class IntentTask(TrainingTask):
 
     def check(self) -> None:
         check_arguments(self.data_args, self.args)
+        m = self.model_args
+        if not 0 <= m.distillation_alpha <= 1:
+            raise RecipeError(f"distillation_alpha must be in [0, 1], got {m.distillation_alpha}")
+        if m.distillation_temperature <= 0:
+            raise RecipeError(
+                f"distillation_temperature must be positive, got {m.distillation_temperature}"
+            )
 
     def load_data(self) -> None:
         d = self.data_args
@@ -254,6 +315,8 @@ class IntentTask(TrainingTask):
             dropout=m.dropout,
             label_smoothing=m.label_smoothing,
             rdrop_alpha=m.rdrop_alpha,
+            distillation_alpha=m.distillation_alpha,
+            distillation_temperature=m.distillation_temperature,
             special_token_ids=sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}),
         )
         return IntentClassifier(config, encoder)
@@ -266,8 +329,20 @@ class IntentTask(TrainingTask):
             )[split]
             for split, dataset in self.data.out_of_scope.items()
         }
+        train = self.tokenized["train"]
+        if self.model_args.teacher:
+            logits = teacher_logits(
+                self.model_args.teacher,
+                self.data.splits["train"]["text"],
+                self.data.labels,
+                self.teacher_split(),
+                self.data_args.max_length,
+                self.args.eval_batch_size,
+                str(self.args.device),
+            )
+            train = train.add_column("teacher_logits", logits.tolist())
         return {
-            "train_dataset": self.tokenized["train"],
+            "train_dataset": train,
             "eval_dataset": self.tokenized["validation"],
             "compute_metrics": compute_metrics,
         }
@@ -337,12 +412,25 @@ class IntentTask(TrainingTask):
             detector=choice.detector,
         )
 
+    def teacher_split(self) -> dict[str, Any]:
+        """What fixes the train/validation split; a teacher must have been trained on the same."""
+        d = self.data_args
+        return {
+            "train_file": d.train_file,
+            "validation_file": d.validation_file,
+            "dataset_name": d.dataset_name,
+            "validation_size": d.validation_size,
+            "seed": self.args.seed,
+        }
+
     def training_info(self) -> dict[str, Any]:
         d = self.data_args
         return {
+            "teacher": self.model_args.teacher,
             "data": {
                 "train_file": d.train_file,
                 "validation_file": d.validation_file,
+                "validation_size": d.validation_size,
                 "test_file": d.test_file,
                 "dataset_name": d.dataset_name,
                 "examples": {name: len(ds) for name, ds in self.data.splits.items()},

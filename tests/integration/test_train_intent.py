@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -197,6 +198,72 @@ def test_resume_from_checkpoint_is_honoured(first_run, tmp_path):
     result = train([*args, "--num_train_epochs", "1", "--resume_from_checkpoint", str(checkpoint)])
     assert result.report["training"]["resumed_from"] == str(checkpoint)
     assert result.report["training"]["global_step"] == first.report["training"]["global_step"]
+
+
+def test_distillation_trains_on_the_logits_of_a_wider_teacher(first_run, tmp_path, monkeypatch):
+    from models.classifier import IntentClassifier
+    from tests.conftest import make_tiny_backbone
+    from training.train_intent import teacher_logits
+
+    _, args, _ = first_run
+    wide = make_tiny_backbone(tmp_path / "wide-bert", seed=3, hidden_size=48)
+    teacher_dir = tmp_path / "teacher"
+    train([*args, "--num_train_epochs", "1", "--output_dir", str(teacher_dir),
+           "--backbone", str(wide)])  # fmt: skip
+    teacher = load_bundle(teacher_dir / "bundle")
+    assert teacher.model.config.hidden_size == 48
+    texts = ["where is my parcel", "reset my password", "I want a refund"]
+    split = {"seed": teacher.training["seed"]}
+    logits = teacher_logits(str(teacher_dir / "bundle"), texts, teacher.labels, split, 32, 2)
+    batch = teacher.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        expected = teacher.model(**batch).logits
+    assert logits.shape == (3, len(teacher.labels))
+    assert np.allclose(logits, expected.numpy(), atol=1e-5)
+
+    seen = []
+    original = IntentClassifier.distillation_loss
+    monkeypatch.setattr(
+        IntentClassifier,
+        "distillation_loss",
+        lambda self, loss, logits, teacher: (
+            seen.append(teacher) or original(self, loss, logits, teacher)
+        ),
+    )
+    output_dir = tmp_path / "student"
+    train([*args, "--num_train_epochs", "1", "--output_dir", str(output_dir),
+           "--teacher", str(teacher_dir / "bundle"), "--distillation_alpha", "0.7"])  # fmt: skip
+    student = load_bundle(output_dir / "bundle")
+    assert student.model.config.hidden_size == 32  # the student keeps its own backbone
+    assert seen and all(t.shape[-1] == len(teacher.labels) for t in seen)
+    assert student.training["teacher"] == str(teacher_dir / "bundle")
+    assert student.model.config.distillation_alpha == 0.7
+
+
+def test_distillation_refuses_a_teacher_of_another_split_or_intents(first_run, tmp_path, capsys):
+    teacher_dir, args, _ = first_run
+    student = [*args, "--output_dir", str(tmp_path / "student"), "--teacher",
+               str(teacher_dir / "bundle")]  # fmt: skip
+    assert main([*student, "--seed", "7"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: teacher") and "another split (seed differ)" in last
+    assert main([*student, "--validation_size", "0.3"]) == 2
+    assert "another split (validation_size differ)" in capsys.readouterr().err
+    demo = REPO / "training" / "demo"
+    _relabel(demo / "intents.csv", tmp_path / "train.csv", "track_order", "where_is_it")
+    _relabel(demo / "intents_test.csv", tmp_path / "test.csv", "track_order", "where_is_it")
+    renamed = [
+        "--train_file",
+        str(tmp_path / "train.csv"),
+        "--test_file",
+        str(tmp_path / "test.csv"),
+    ]
+    assert main([*student, *renamed]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "its intents differ" in last
+    assert main([*student, "--teacher", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: teacher: ")
+    assert not (tmp_path / "student" / "bundle").exists()
 
 
 def _relabel(source: Path, target: Path, intent: str, label: str) -> int:

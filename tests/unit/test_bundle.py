@@ -131,6 +131,27 @@ def test_classifier_rdrop_adds_the_kl_of_two_dropout_passes(classifier):
     )
 
 
+def test_classifier_distillation_mixes_the_label_loss_with_the_teachers_kl(classifier):
+    model, tokenizer = classifier
+    batch = tokenizer(["where is my parcel", "hi"], padding=True, return_tensors="pt")
+    labels, teacher = torch.tensor([0, 2]), torch.tensor([[2.0, 0.5, -1.0], [0.0, 1.0, 3.0]])
+    model.config.distillation_alpha, model.config.distillation_temperature = 0.25, 2.0
+    model.train()
+    torch.manual_seed(1)
+    out = model(**batch, labels=labels, teacher_logits=teacher)
+    torch.manual_seed(1)  # the same dropout masks, without the teacher
+    plain = model(**batch, labels=labels)
+    assert torch.allclose(out.logits, plain.logits)
+    student, target = (plain.logits.float() / 2).log_softmax(-1), (teacher / 2).softmax(-1)
+    kl = (target * (target.log() - student)).sum(-1).mean()
+    assert torch.allclose(out.loss, 0.75 * plain.loss + 0.25 * 4 * kl, atol=1e-5)
+    assert not torch.allclose(out.loss, plain.loss)
+    # Evaluation scores the labels only.
+    model.eval()
+    evaluated = model(**batch, labels=labels, teacher_logits=teacher)
+    assert torch.allclose(evaluated.loss, model(**batch, labels=labels).loss)
+
+
 def test_bundle_round_trip_gives_identical_predictions(tmp_path, classifier):
     path = _save(tmp_path, classifier)
     loaded = load_bundle(path, task="intent-classification")

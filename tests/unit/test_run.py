@@ -176,3 +176,65 @@ def test_resolved_config_does_not_pin_the_cpu_that_bf16_needed(monkeypatch, tmp_
     assert config["use_cpu"] is False and config["bf16"] is True
     assert config["resume"] is False and config["resume_from_checkpoint"] is None
     assert recipe_config(RunArguments(output_dir=str(tmp_path), use_cpu=True))["use_cpu"] is True
+
+
+def test_layerwise_lr_decay_gives_each_encoder_depth_its_learning_rate(tiny_backbone, tmp_path):
+    from models.backbone import load_backbone
+    from models.classifier import ClassifierConfig, IntentClassifier
+    from training.run import RunTrainer
+
+    encoder, _ = load_backbone(str(tiny_backbone))  # 2 layers
+    model = IntentClassifier(ClassifierConfig(num_labels=3), encoder)
+    args = RunArguments(
+        output_dir=str(tmp_path), learning_rate=1.0, layerwise_lr_decay=0.5, weight_decay=0.1,
+        optim="adamw_torch", bf16=False, report_to=[], eval_strategy="no", save_strategy="no",
+        load_best_model_at_end=False,
+    )  # fmt: skip
+    optimizer = RunTrainer(model=model, args=args).create_optimizer()
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(lr_of) == len(named)  # every parameter in exactly one group
+    expected = {
+        "head.weight": 1.0,
+        "encoder.encoder.layer.1.attention.self.query.weight": 0.5,
+        "encoder.encoder.layer.0.output.dense.weight": 0.25,
+        "encoder.embeddings.word_embeddings.weight": 0.125,
+    }
+    for name, lr in expected.items():
+        assert lr_of[id(named[name])] == lr, name
+    assert decay_of[id(named["head.weight"])] == 0.1
+    assert decay_of[id(named["encoder.encoder.layer.0.output.LayerNorm.weight"])] == 0.0
+    # Off (the default): Trainer's own two groups at one learning rate.
+    args = RunArguments(
+        output_dir=str(tmp_path), learning_rate=1.0, bf16=False, report_to=[], eval_strategy="no",
+        save_strategy="no", load_best_model_at_end=False,
+    )  # fmt: skip
+    plain = RunTrainer(model=model, args=args).create_optimizer()
+    assert {g["lr"] for g in plain.param_groups} == {1.0}
+
+
+def test_layerwise_lr_decay_leaves_the_summarizers_own_layers_at_the_top(tiny_backbone):
+    from models.backbone import load_backbone
+    from models.summarizer import ExtractiveSummarizer, SummarizerConfig
+    from training.run import layerwise_lr_groups
+
+    encoder, _ = load_backbone(str(tiny_backbone))
+    model = ExtractiveSummarizer(
+        SummarizerConfig(context_layers=1, context_heads=2, context_feedforward=64), encoder
+    )
+    groups = layerwise_lr_groups(model, 1.0, 0.5, 0.0, set())
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    for name, parameter in model.named_parameters():
+        if name.startswith("encoder.encoder.layer.0."):
+            assert lr_of[id(parameter)] == 0.25, name
+        elif not name.startswith("encoder."):  # the context layers and the scorer
+            assert lr_of[id(parameter)] == 1.0, name
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.1"])
+def test_layerwise_lr_decay_outside_0_1_is_refused_with_its_name(value, tmp_path):
+    with pytest.raises(RecipeError, match=r"layerwise_lr_decay must be in \(0, 1\], got"):
+        parse_recipe_and_overrides(
+            (RunArguments,), ["--output_dir", str(tmp_path), "--layerwise_lr_decay", value]
+        )
