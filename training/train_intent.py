@@ -35,7 +35,8 @@ from transformers import EvalPrediction, Trainer
 from models.backbone import DEFAULT_BACKBONE
 from models.bundle import BundleError, load_bundle
 from models.classifier import ClassifierConfig, IntentClassifier
-from models.tokenization import MODEL_INPUTS, encode_texts, model_inputs
+from models.predictor import IntentPredictor
+from models.tokenization import MODEL_INPUTS
 from training.data import load_intent_data, tokenize_splits
 from training.evaluation import (
     OOS_COVERAGE,
@@ -253,18 +254,18 @@ def teacher_logits(
             f"teacher {directory} was trained on another split ({', '.join(differs)} "
             "differ): the student's validation messages would not be held out from it"
         )
-    # Batches of similar lengths (sorted by characters) pad little; rows go back in order.
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    logits = torch.empty(len(texts), len(labels))  # (N, C)
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
-            encoding, _ = encode_texts(bundle.tokenizer, [texts[i] for i in rows], max_length)
-            logits[rows] = bundle.model(**model_inputs(encoding, device)).logits.float().cpu()
-    return logits.numpy()
+    # The predictor's forward: rows of similar length run together, outputs in row order.
+    predictor = IntentPredictor(bundle, max_length)
+    logits = [
+        predictor.forward(predictor.encode(texts[start : start + batch_size])[0]).logits
+        for start in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(logits).float().cpu().numpy()  # (N, C)
 
 
-def check_arguments(data_args: DataArguments, args: IntentTrainingArguments) -> None:
+def check_arguments(
+    data_args: DataArguments, model_args: ModelArguments, args: IntentTrainingArguments
+) -> None:
     """Reject values the libraries would only fail on deep inside training."""
     if data_args.max_length < 4:
         raise RecipeError(f"max_length must be at least 4, got {data_args.max_length}")
@@ -272,6 +273,14 @@ def check_arguments(data_args: DataArguments, args: IntentTrainingArguments) -> 
         raise RecipeError(f"validation_size must be positive, got {data_args.validation_size}")
     if not 0 < args.oos_coverage <= 1:
         raise RecipeError(f"oos_coverage must be in (0, 1], got {args.oos_coverage}")
+    if not 0 <= model_args.distillation_alpha <= 1:
+        raise RecipeError(
+            f"distillation_alpha must be in [0, 1], got {model_args.distillation_alpha}"
+        )
+    if model_args.distillation_temperature <= 0:
+        raise RecipeError(
+            f"distillation_temperature must be positive, got {model_args.distillation_temperature}"
+        )
 
 
 class IntentTask(TrainingTask):
@@ -282,14 +291,7 @@ class IntentTask(TrainingTask):
     argument_types = (DataArguments, ModelArguments, IntentTrainingArguments)
 
     def check(self) -> None:
-        check_arguments(self.data_args, self.args)
-        m = self.model_args
-        if not 0 <= m.distillation_alpha <= 1:
-            raise RecipeError(f"distillation_alpha must be in [0, 1], got {m.distillation_alpha}")
-        if m.distillation_temperature <= 0:
-            raise RecipeError(
-                f"distillation_temperature must be positive, got {m.distillation_temperature}"
-            )
+        check_arguments(self.data_args, self.model_args, self.args)
 
     def load_data(self) -> None:
         d = self.data_args

@@ -249,6 +249,10 @@ def test_distillation_refuses_a_teacher_of_another_split_or_intents(first_run, t
     assert last.startswith("error: teacher") and "another split (seed differ)" in last
     assert main([*student, "--validation_size", "0.3"]) == 2
     assert "another split (validation_size differ)" in capsys.readouterr().err
+    assert main([*student, "--distillation_alpha", "1.5"]) == 2
+    assert "error: distillation_alpha must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert main([*student, "--distillation_temperature", "0"]) == 2
+    assert "error: distillation_temperature must be positive, got 0.0" in capsys.readouterr().err
     demo = REPO / "training" / "demo"
     _relabel(demo / "intents.csv", tmp_path / "train.csv", "track_order", "where_is_it")
     _relabel(demo / "intents_test.csv", tmp_path / "test.csv", "track_order", "where_is_it")
