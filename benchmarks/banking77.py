@@ -70,6 +70,9 @@ def seed_row(seed: int, result, wall_s: float, bundle: str) -> dict:
         "global_step": training["global_step"],
         "examples": training["data"]["examples"],
         "bundle": bundle,
+        # The k-NN vote for unsure messages (--neighbours): what validation chose, and the
+        # share of test messages it ran for; absent without the option.
+        "neighbours": m.get("neighbours"),
     }
 
 
@@ -111,6 +114,18 @@ def validation_cell(validation: dict | None) -> str:
     if validation is None:
         return "–"
     return f"{validation['value']:.2f} ({validation['metric'].replace('_', '-')})"
+
+
+def neighbours_sentence(vote: dict) -> str:
+    """What validation chose for the k-NN vote (``--neighbours``) of one seed."""
+    if not vote["kept"]:
+        return "no neighbour vote kept (none beat the classifier on validation)"
+    return (
+        f"neighbour vote with weight {vote['weight']} below confidence {vote['gate']} "
+        f"(validation macro-F1 {100 * vote['validation_macro_f1_without']:.2f} → "
+        f"{100 * vote['validation_macro_f1']:.2f}); it ran for "
+        f"{100 * vote['unsure_share']['test']:.1f}% of the test messages"
+    )
 
 
 def render_markdown(results: dict) -> str:
@@ -160,7 +175,9 @@ def render_markdown(results: dict) -> str:
         "the raw softmax and with the validation-fitted temperature. Wall time covers data "
         "loading, training, calibration and evaluation of one seed. Validation (best): the "
         "held-out validation figure of the checkpoint kept, which recipes are compared on "
-        "(– where a run predates it).",
+        "(– where a run predates it). Where a recipe adds the neighbour vote (`neighbours: "
+        "true`), the test figures are of the predictions with it, as the bundle serves them, "
+        "and each run's notes give what validation chose for it.",
         "",
         f"Target: at least {TARGET_ACCURACY} accuracy (mean of 3 seeds) on 2 CPU cores in at "
         f"most {TARGET_MINUTES} minutes per seed. Published full-data test accuracy for comparison:",
@@ -188,6 +205,11 @@ def render_markdown(results: dict) -> str:
                 f"- seed {row['seed']}: out-of-scope threshold {row['metrics']['oos_threshold']:.3f} "
                 f"rejects {row['metrics']['oos_rejected_rate']:.2f}% of the (in-scope) test messages"
                 for row in seed_rows(run)
+            ],
+            *[
+                f"- seed {row['seed']}: {neighbours_sentence(row['neighbours'])}"
+                for row in seed_rows(run)
+                if row.get("neighbours")
             ],
             "",
         ]

@@ -5,7 +5,9 @@ Layout (format 2)::
     bundle/
       config.json              the model's PretrainedConfig: model_type, encoder config
                                nested under "encoder", intents in "id2label" (classifier)
-      model.safetensors        all weights (save_pretrained)
+      model.safetensors        all weights (save_pretrained); with a neighbour vote
+                               (models.neighbours) also its encoder and bank, its
+                               settings under "neighbours" in config.json
       tokenizer.json, tokenizer_config.json, ...   the tokenizer (save_pretrained)
       calibration.json         temperature, out-of-scope threshold (classifier); with a
                                detector, its settings under "ood" (method, k, threshold, sizes)
@@ -647,6 +649,12 @@ def load_bundle(
         raise BundleError(
             f"incompatible bundle {path}: the model does not load ({type(exc).__name__}: {exc})"
         ) from None
+    vote = getattr(model, "neighbours", None)
+    if vote is not None:
+        try:
+            vote.check_bank()
+        except ValueError as exc:
+            raise BundleError(f"inconsistent bundle {path}: the neighbour vote: {exc}") from None
     config = model.config
     detector = (
         _load_detector(root, checked.documents[CALIBRATION])

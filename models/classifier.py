@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
+from models.neighbours import NeighbourVote
 from models.packing import packed_hidden_states
 from models.pooling import MaskedAttentionPooling, PoolingConfig
 
@@ -46,6 +47,9 @@ class ClassifierConfig(PreTrainedConfig):
     # Token ids never pooled over ([CLS], [SEP], [PAD], ...) when exclude_special_tokens.
     special_token_ids: list[int] | None = None
     exclude_special_tokens: bool = True
+    # The k-NN vote of the pretrained encoder for unsure messages (models.neighbours):
+    # its settings (bank_size, k, temperature, weight, gate), or None without one.
+    neighbours: dict | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -123,7 +127,19 @@ class IntentClassifier(SupportLensPreTrainedModel):
         )
         self.dropout = nn.Dropout(config.dropout)
         self.head = nn.Linear(self.pooling.output_size, config.num_labels)
+        # Not used by forward: the predictor runs it for unsure messages (models.neighbours).
+        self.neighbours = (
+            NeighbourVote(config.encoder, config.num_labels, **config.neighbours)
+            if config.neighbours
+            else None
+        )
         self.post_init()
+
+    def attach_neighbours(self, vote: NeighbourVote | None) -> None:
+        """Add (or with ``None`` remove) the k-NN vote; its settings go into the config,
+        its encoder and bank into the weights, so ``save_pretrained`` keeps them."""
+        self.neighbours = vote
+        self.config.neighbours = None if vote is None else vote.settings()
 
     def pooling_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Tokens the pooling may attend to: real (non-padding) tokens, minus special tokens."""

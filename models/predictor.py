@@ -130,6 +130,11 @@ class IntentPredictor:
         return self.detector is not None and self.detector.needs_features
 
     @property
+    def has_neighbour_vote(self) -> bool:
+        """Whether :meth:`forward` gives unsure rows the k-NN vote (:mod:`models.neighbours`)."""
+        return getattr(self.model, "neighbours", None) is not None
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -221,11 +226,12 @@ class IntentPredictor:
         lengths = encoding["attention_mask"].sum(dim=-1).tolist()  # (B,)
         groups = length_groups(lengths, self.pass_tokens)
         if len(groups) == 1:
-            return self.runner(
+            output = self.runner(
                 **inputs,
                 output_pooling_weights=output_pooling_weights,
                 output_pooled=self.needs_features,
             )
+            return self.neighbour_vote(output, inputs, lengths)
         # Padding is most of the work in a batch of mixed lengths: a CPU forward costs
         # about its padded tokens, and neither runner skips padding on its own.
         logits, weights, pooled = [], [], []
@@ -245,11 +251,30 @@ class IntentPredictor:
         order = torch.tensor([i for group in groups for i in group], device=mask.device)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(len(order), device=mask.device)
-        return ClassifierOutput(
+        output = ClassifierOutput(
             logits=torch.cat(logits)[inverse],  # (B, C)
             pooling_weights=torch.cat(weights)[inverse] if output_pooling_weights else None,
             pooled=torch.cat(pooled)[inverse] if self.needs_features else None,
         )
+        return self.neighbour_vote(output, inputs, lengths)
+
+    def neighbour_vote(
+        self, output: ClassifierOutput, inputs: dict[str, torch.Tensor], lengths: list[int]
+    ) -> ClassifierOutput:
+        """Give the unsure rows of ``output`` the bundle's k-NN vote (:mod:`models.neighbours`),
+        when it has one: those rows alone run the second encoder, in one pass cut to their
+        longest row. Their logits become ``temperature · log(p')``, so that
+        :meth:`probabilities` returns the interpolated distribution ``p'`` exactly."""
+        if not self.has_neighbour_vote:
+            return output
+        vote = self.model.neighbours
+
+        def embed(rows: torch.Tensor) -> torch.Tensor:
+            width = max(lengths[i] for i in rows.tolist())
+            return vote.embed(**{k: v[rows, :width] for k, v in inputs.items()})  # (U, H)
+
+        output.logits = vote.revise(output.logits, self.temperature, embed)
+        return output
 
     @torch.inference_mode()
     def calibrated(self, texts: list[str]) -> torch.Tensor:

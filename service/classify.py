@@ -187,14 +187,15 @@ class ClassifyAPI(ls.LitAPI):
                         found.update(explanations)
                 if item.faithfulness and item.explain:
                     # The texts' own probabilities are the prediction's: only the
-                    # perturbed texts need a forward pass.
+                    # perturbed texts need a forward pass. Not with a neighbour vote:
+                    # faithfulness measures the classifier, without the vote.
                     self.explainer.faithfulness(
                         item.texts,
                         per_text,
                         self.predictor.calibrated,
-                        originals=self.predictor.probabilities(
-                            output.logits[rows.start : rows.stop]
-                        ),
+                        originals=None
+                        if self.predictor.has_neighbour_vote
+                        else self.predictor.probabilities(output.logits[rows.start : rows.stop]),
                     )
             except ExplanationError as error:
                 raise HTTPException(422, f"texts: {error}") from None

@@ -49,3 +49,32 @@ def make_tiny_backbone(directory: Path, seed: int = 0, hidden_size: int = 32) ->
 def tiny_backbone(tmp_path_factory) -> Path:
     """Path of a tiny random encoder directory, loadable with ``load_backbone``."""
     return make_tiny_backbone(tmp_path_factory.mktemp("tiny-bert"))
+
+
+def add_neighbour_vote(
+    bundle: Path, backbone: Path, texts: list[str], labels: list[int], target: Path, **settings
+) -> Path:
+    """Write ``bundle`` again at ``target`` with a neighbour vote (``models.neighbours``) whose
+    encoder is ``backbone`` and whose bank is ``texts`` with intent ids ``labels``."""
+    from models.backbone import load_backbone
+    from models.bundle import load_bundle, save_bundle
+    from models.neighbours import NeighbourVote
+    from training.neighbours import embed_texts
+
+    loaded = load_bundle(bundle)
+    encoder, _ = load_backbone(str(backbone))
+    vote = NeighbourVote(
+        encoder.config, len(loaded.labels), len(texts), encoder=encoder.eval(), **settings
+    )
+    vote.bank.copy_(embed_texts(vote, loaded.tokenizer, texts, 32))
+    vote.bank_labels.copy_(torch.tensor(labels))
+    loaded.model.attach_neighbours(vote)
+    return save_bundle(
+        target,
+        loaded.model,
+        loaded.tokenizer,
+        task="intent-classification",
+        labels=loaded.labels,
+        calibration={k: v for k, v in loaded.calibration.items() if k != "ood"},
+        detector=loaded.detector,
+    )

@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from models.bundle import BundleError, load_bundle
 from models.explanations import METHODS, ExplanationError, normalize
 from models.files import atomic_write_text
@@ -99,10 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     labels = bundle.labels
     targets = versus = None
     predictor = IntentPredictor(bundle)
-    if args.target == "contrast":
+    # With a neighbour vote the served prediction may differ from the classifier's own:
+    # the predicted intent explained is the served one, as in the HTTP API.
+    if args.target == "contrast" or (args.target is None and predictor.has_neighbour_vote):
         encoding, _ = predictor.encode(args.texts)
         top = predictor.forward(encoding).logits.topk(2, dim=-1).indices.tolist()  # (B, 2)
-        targets, versus = [row[0] for row in top], [row[1] for row in top]
+        targets = [row[0] for row in top]
+        versus = [row[1] for row in top] if args.target == "contrast" else None
     elif args.target is not None:
         if args.target not in labels:
             print(
@@ -113,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     explainer = predictor.explainer(ig_steps=args.ig_steps)
 
     def calibrated(texts: list[str]):
+        # The classifier alone (no neighbour vote): faithfulness measures what is explained.
         encoding, _ = predictor.encode(texts)
-        return predictor.probabilities(predictor.forward(encoding).logits)
+        with torch.inference_mode():
+            output = predictor.model(**predictor.model_inputs(encoding))
+        return predictor.probabilities(output.logits)
 
     try:
         rows = explainer.explain(args.texts, args.method, targets, versus)

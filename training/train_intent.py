@@ -32,9 +32,10 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch.utils.data import DataLoader
 from transformers import EvalPrediction, Trainer
 
-from models.backbone import DEFAULT_BACKBONE
+from models.backbone import DEFAULT_BACKBONE, load_backbone
 from models.bundle import BundleError, load_bundle
 from models.classifier import ClassifierConfig, IntentClassifier
+from models.neighbours import NeighbourVote
 from models.predictor import IntentPredictor
 from models.tokenization import MODEL_INPUTS
 from training.data import load_intent_data, tokenize_splits
@@ -46,6 +47,7 @@ from training.evaluation import (
     write_report,
 )
 from training.evaluation import softmax as calibrated_softmax
+from training.neighbours import fit_vote, revise_logits
 from training.out_of_scope import Choice, choose_detector, detection_metrics, rule_metrics
 from training.out_of_scope import score as score_all
 from training.recipe import RecipeError
@@ -104,6 +106,17 @@ class ModelArguments:
     )
     distillation_temperature: float = field(
         default=2.0, metadata={"help": "Softmax temperature of the distillation term."}
+    )
+    neighbours: bool = field(
+        default=False,
+        metadata={
+            "help": "Add the pretrained backbone's k-NN vote for unsure messages "
+            "(models.neighbours); its weight and gate are chosen on validation."
+        },
+    )
+    neighbour_k: int = field(default=10, metadata={"help": "Neighbours in the vote."})
+    neighbour_temperature: float = field(
+        default=0.05, metadata={"help": "Softmax temperature over the neighbours' similarities."}
     )
 
 
@@ -281,6 +294,12 @@ def check_arguments(
         raise RecipeError(
             f"distillation_temperature must be positive, got {model_args.distillation_temperature}"
         )
+    if model_args.neighbour_k < 1:
+        raise RecipeError(f"neighbour_k must be at least 1, got {model_args.neighbour_k}")
+    if model_args.neighbour_temperature <= 0:
+        raise RecipeError(
+            f"neighbour_temperature must be positive, got {model_args.neighbour_temperature}"
+        )
 
 
 class IntentTask(TrainingTask):
@@ -355,6 +374,10 @@ class IntentTask(TrainingTask):
         val_logits, val_features = logits_and_features(trainer, self.tokenized["validation"])
         val_labels = np.asarray(self.tokenized["validation"]["label"])
         temperature = fit_temperature(val_logits, val_labels)
+        vote, vote_report = self.fit_vote(trainer, val_logits, val_labels, temperature)
+        if vote is not None:
+            # From here on every figure is of what the bundle serves: the vote included.
+            val_logits = self.revise(vote, "validation", val_logits, temperature)
         coverage = self.args.oos_coverage
         val_probs = calibrated_softmax(val_logits, temperature)
         threshold = choose_oos_threshold(val_probs, val_labels, coverage)
@@ -365,6 +388,11 @@ class IntentTask(TrainingTask):
             split: logits_and_features(trainer, dataset)
             for split, dataset in self.tokenized_oos.items()
         }
+        if vote is not None:
+            oos = {
+                split: (self.revise(vote, split, logits, temperature, oos=True), features)
+                for split, (logits, features) in oos.items()
+            }
         oos_val_logits, oos_val_features = oos.get("validation", (None, None))
         choice = choose_detector(
             train_features,
@@ -383,6 +411,8 @@ class IntentTask(TrainingTask):
         split = "test" if "test" in self.tokenized else "validation"
         if split == "test":
             logits, features = logits_and_features(trainer, self.tokenized["test"])
+            if vote is not None:
+                logits = self.revise(vote, "test", logits, temperature)
         else:
             logits, features = val_logits, val_features
         labels = np.asarray(self.tokenized[split]["label"])
@@ -396,6 +426,9 @@ class IntentTask(TrainingTask):
             else (oos_test[1], calibrated_softmax(oos_test[0], temperature)),
             n_validation_oos=0 if oos_val_logits is None else len(oos_val_logits),
         )
+        if vote_report is not None:
+            metrics["neighbours"] = {**vote_report, "unsure_share": self.unsure_shares}
+        trainer.model.attach_neighbours(vote)
         logger.info(
             "%s: accuracy %.4f, macro-F1 %.4f, ECE %.4f -> %.4f; out-of-scope detector %s",
             split,
@@ -413,6 +446,63 @@ class IntentTask(TrainingTask):
             bundle_metrics={k: v for k, v in metrics.items() if k != "confusion_matrix"},
             detector=choice.detector,
         )
+
+    def fit_vote(
+        self, trainer: Trainer, val_logits: np.ndarray, val_labels: np.ndarray, temperature: float
+    ) -> tuple[NeighbourVote | None, dict[str, Any] | None]:
+        """The k-NN vote (``--neighbours``) over the pretrained backbone, fitted on train and
+        chosen on validation, and its report; ``(None, None)`` when not asked for."""
+        if not self.model_args.neighbours:
+            return None, None
+        encoder, tokenizer = load_backbone(self.model_args.backbone)
+        self.vote_tokenizer = tokenizer
+        self.unsure_shares: dict[str, float] = {}
+        train = self.data.splits["train"]
+        vote, report = fit_vote(
+            encoder.to(trainer.args.device).eval(),
+            tokenizer,
+            (train["text"], np.asarray(train["label"])),
+            (
+                self.data.splits["validation"]["text"],
+                val_labels,
+                calibrated_softmax(val_logits, temperature),
+            ),
+            len(self.data.labels),
+            self.data_args.max_length,
+            k=self.model_args.neighbour_k,
+            temperature=self.model_args.neighbour_temperature,
+        )
+        logger.info(
+            "neighbour vote: %s (validation macro-F1 %.4f -> %.4f, weight %s, gate %s)",
+            "kept" if vote is not None else "not kept",
+            report["validation_macro_f1_without"],
+            report["validation_macro_f1"],
+            report["weight"],
+            report["gate"],
+        )
+        return vote, report
+
+    def revise(
+        self,
+        vote: NeighbourVote,
+        split: str,
+        logits: np.ndarray,
+        temperature: float,
+        *,
+        oos: bool = False,
+    ) -> np.ndarray:
+        """A split's logits as served with the vote; records the share of rows it revised."""
+        dataset = (self.data.out_of_scope if oos else self.data.splits)[split]
+        revised, share = revise_logits(
+            vote,
+            self.vote_tokenizer,
+            dataset["text"],
+            logits,
+            temperature,
+            self.data_args.max_length,
+        )
+        self.unsure_shares[f"out_of_scope_{split}" if oos else split] = share
+        return revised
 
     def teacher_split(self) -> dict[str, Any]:
         """What fixes the train/validation split; a teacher must have been trained on the same."""

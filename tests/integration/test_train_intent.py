@@ -348,3 +348,34 @@ def test_features_and_logits_come_in_dataset_order_with_length_grouping(tmp_path
             output = model(**tokenizer([text], return_tensors="pt"), output_pooled=True)
             torch.testing.assert_close(torch.from_numpy(logits[i]), output.logits[0])
             torch.testing.assert_close(torch.from_numpy(features[i]), output.pooled[0])
+
+
+def test_neighbour_vote_is_fitted_on_validation_and_served_as_evaluated(tmp_path, tiny_backbone):
+    output_dir = tmp_path / "run"
+    result = train([RECIPE, *FAST, "--backbone", str(tiny_backbone), "--output_dir",
+                    str(output_dir), "--max_steps", "3", "--neighbours", "true"])  # fmt: skip
+    report = result.report["metrics"]["neighbours"]
+    # Three steps leave the classifier unsure everywhere: the vote must beat it on validation.
+    assert report["kept"] and report["gate"] is not None
+    assert report["validation_macro_f1"] > report["validation_macro_f1_without"]
+    assert 0.0 < report["unsure_share"]["test"] <= 1.0
+    bundle = load_bundle(output_dir / "bundle")
+    vote = bundle.model.neighbours
+    assert vote is not None and (vote.weight, vote.gate) == (report["weight"], report["gate"])
+    assert vote.bank.shape[0] == result.report["training"]["data"]["examples"]["train"]
+    # The test figures of the report are those of the bundle as served.
+    with open(REPO / "training" / "demo" / "intents_test.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    predictions = IntentPredictor(bundle).predict([r["text"] for r in rows], top_k=1)
+    served = [p.top_k[0]["label"] == r["intent"] for p, r in zip(predictions, rows, strict=True)]
+    assert np.mean(served) == pytest.approx(result.report["metrics"]["accuracy"])
+
+
+def test_neighbour_settings_out_of_range_exit_2_before_training(tmp_path, tiny_backbone, capsys):
+    args = [RECIPE, *FAST, "--backbone", str(tiny_backbone), "--output_dir", str(tmp_path / "r"),
+            "--neighbours", "true"]  # fmt: skip
+    assert main([*args, "--neighbour_k", "0"]) == 2
+    assert "error: neighbour_k must be at least 1, got 0" in capsys.readouterr().err
+    assert main([*args, "--neighbour_temperature", "-1"]) == 2
+    assert "error: neighbour_temperature must be positive, got -1.0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()

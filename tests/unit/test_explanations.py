@@ -330,6 +330,38 @@ def test_cli_explains_the_contrast_of_the_top_two_with_its_faithfulness(tiny_bun
     assert "rather than" in printed and "faithfulness: comprehensiveness" in printed
 
 
+def test_cli_explains_the_served_intent_of_a_bundle_with_a_neighbour_vote(
+    tiny_bundle, tiny_backbone, tmp_path, capsys
+):
+    from models.bundle import load_bundle
+    from models.predictor import IntentPredictor
+    from tests.conftest import add_neighbour_vote
+    from training.explain import main
+
+    text = "my card was declined twice"
+    plain = IntentPredictor(load_bundle(tiny_bundle))
+    own = plain.predict([text])[0].top_k[0]["label"]
+    labels = plain.labels
+    # The text's single neighbour (k 1) votes for another intent, with more weight than
+    # the classifier has: the served intent is that one.
+    other = (labels.index(own) + 1) % len(labels)
+    voted = add_neighbour_vote(
+        tiny_bundle, tiny_backbone, [text], [other], tmp_path / "voted", k=1, weight=0.7, gate=2.0
+    )
+    argv = ["--bundle", str(voted), "--method", "occlusion", "--faithfulness", "--json", text]
+    assert main(argv) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["target"] == labels[other] != own
+    assert IntentPredictor(load_bundle(voted)).predict([text])[0].label == labels[other]
+    # Faithfulness is measured on the classifier alone: the same as without the vote.
+    explained = document["explanations"]["occlusion"]["faithfulness"]
+    argv = ["--bundle", str(tiny_bundle), "--method", "occlusion", "--target", labels[other]]
+    assert main([*argv, "--faithfulness", "--json", text]) == 0
+    alone = json.loads(capsys.readouterr().out)["explanations"]["occlusion"]["faithfulness"]
+    for key in ("comprehensiveness", "sufficiency"):
+        assert explained[key] == pytest.approx(alone[key], abs=1e-6)
+
+
 def test_attention_and_rollout_are_the_same_for_every_target(explainer):
     text = ["why was my top up declined"]
     methods = ["attention", "rollout"]

@@ -142,6 +142,26 @@ def test_onnx_predictor_gives_the_same_predictions_in_fp32(exported):
         assert ours.ood_score == pytest.approx(theirs.ood_score, abs=1e-4)
 
 
+def test_onnx_backend_serves_the_neighbour_vote_as_pytorch_does(exported, tiny_backbone, tmp_path):
+    from tests.conftest import add_neighbour_vote
+
+    # Every row unsure (gate 2): the vote's encoder runs in PyTorch beside the ONNX graph,
+    # which holds the classifier alone.
+    voted = add_neighbour_vote(
+        exported[0], tiny_backbone, TEXTS, [0, 1, 2], tmp_path / "voted", k=1, gate=2.0
+    )
+    assert export_onnx.main([str(voted)]) == 0
+    bundle = load_bundle(voted)
+    plain = IntentPredictor(load_bundle(exported[0])).predict(TEXTS, top_k=1)
+    torch_predictions = IntentPredictor(bundle).predict(TEXTS, top_k=1)
+    onnx_predictions = IntentPredictor(bundle, runner=onnx_runner(bundle, "fp32")).predict(
+        TEXTS, top_k=1
+    )
+    for ours, theirs, alone in zip(onnx_predictions, torch_predictions, plain, strict=True):
+        assert ours.score == pytest.approx(theirs.score, abs=1e-4)
+        assert theirs.score != pytest.approx(alone.score, abs=1e-3)
+
+
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", FP32), ("int8", INT8)])
 def test_onnx_summarizer_matches_pytorch(exported, precision, tolerance):
     bundle = load_bundle(exported[1])
