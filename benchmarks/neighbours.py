@@ -81,17 +81,18 @@ def measure_seed(directory: Path, batch_size: int, rounds: int) -> dict:
     fit_time = time.perf_counter() - started
     texts, labels = test["text"], np.asarray(test["label"])
     row = {"seed": int(directory.name.split("-")[-1]), **report, "fit_time_s": round(fit_time, 1)}
+    served = {}
     for name, attached in (("without", None), ("with", vote)):
         model.attach_neighbours(attached)
-        predicted = probabilities(predictor, texts, batch_size).argmax(axis=-1)
+        served[name] = probabilities(predictor, texts, batch_size)  # (N, C)
+        predicted = served[name].argmax(axis=-1)
         row[f"test_accuracy_{name}"] = float((predicted == labels).mean())
         row[f"test_macro_f1_{name}"] = float(f1_score(labels, predicted, average="macro"))
     if vote is None:
         row["test_unsure_share"], row["throughput_without"], row["throughput_with"] = 0.0, 0.0, 0.0
         return row
-    model.attach_neighbours(None)
-    plain = probabilities(predictor, texts, batch_size)
-    row["test_unsure_share"] = float(vote.unsure(torch.from_numpy(plain)).float().mean())
+    unsure = vote.unsure(torch.from_numpy(served["without"]))  # (N,)
+    row["test_unsure_share"] = float(unsure.float().mean())
     speeds: dict[str, list[float]] = {"without": [], "with": []}
     for _ in range(rounds):
         for name, attached in (("without", None), ("with", vote)):

@@ -63,16 +63,11 @@ def detector_name(method: str, k: int) -> str:
     return f"knn (k={k})" if method == "knn" else method
 
 
-def mean_over_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(B, H)`` mean of ``hidden`` (B, T, H) over the tokens where ``mask`` (B, T) is set."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, H)
-
-
 def representations(
     model, pretrained, tokenizer, texts: list[str], max_length: int, batch_size: int = 128
 ):
     """Every representation of :data:`REPRESENTATIONS` for ``texts``, as ``{name: (N, D)}``."""
+    from models.neighbours import mean_over_tokens
     from models.tokenization import encode_texts, model_inputs
 
     parts: dict[str, list[np.ndarray]] = {name: [] for name in REPRESENTATIONS}

@@ -34,7 +34,12 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, PreTrainedConfig, PreTrainedModel
 
-SETTINGS = ("bank_size", "k", "temperature", "weight", "gate")
+
+def mean_over_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(B, H)`` mean of ``hidden`` (B, T, H) over the tokens where ``mask`` (B, T) is set:
+    the sentence embedding sentence-transformers computes for all-MiniLM-L6-v2."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, H)
 
 
 class NeighbourVote(nn.Module):
@@ -104,9 +109,7 @@ class NeighbourVote(nn.Module):
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**kwargs).last_hidden_state.float()  # (B, T, H)
-        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
-        mean = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, H)
-        return F.normalize(mean, dim=-1)
+        return F.normalize(mean_over_tokens(hidden, attention_mask), dim=-1)
 
     def vote(self, embeddings: torch.Tensor) -> torch.Tensor:
         """``(B, C)`` k-NN distribution of L2-normalised ``embeddings`` (B, H) over the bank."""
