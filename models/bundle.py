@@ -19,7 +19,9 @@ Layout (format 2)::
       onnx/model.onnx, onnx/model.int8.onnx, onnx/export.json
                                optional ONNX graphs (fp32, int8) for the ONNX Runtime
                                backend, added by ``supportlens-export-onnx`` (see
-                               :mod:`models.onnx_backend`)
+                               :mod:`models.onnx_backend`); with a neighbour vote also
+                               onnx/neighbours.onnx, onnx/neighbours.int8.onnx (its
+                               encoder, one per precision of the model's graphs)
       manifest.json            {"format": 2, "task": ..., "files": {relative path: SHA-256}}
 
 After ``import models``, ``AutoModel.from_pretrained(bundle)`` and
@@ -30,9 +32,10 @@ anywhere and never remote code.
 every path relative and inside the bundle (no absolute path, no ``..``, no symbolic link
 leading out); every file listed and every listed file present with its checksum; then
 config, weights (the safetensors header only), labels, tokenizer and task must agree,
-and ONNX graphs (when present) must have the input and output names of their task.
-Any problem is one :class:`BundleError` line naming it; messages name files of the
-bundle only, never a path outside it.
+and ONNX graphs (when present) must have the input and output names of their task (a
+classifier with a neighbour vote has the vote's graph in each precision of its own, one
+without a vote has none). Any problem is one :class:`BundleError` line naming it;
+messages name files of the bundle only, never a path outside it.
 
 A format-1 bundle (``model_config`` in ``config.json``, ``labels.json``, ``tokenizer/``)
 is refused with the command that converts it (:data:`CONVERT_COMMAND`).
@@ -60,7 +63,15 @@ from transformers.utils import logging as hf_logging
 
 from models.classifier import IntentClassifier
 from models.files import atomic_directory, atomic_write_json
-from models.onnx_backend import EXPORT_INFO, GRAPH_FILES, GRAPH_IO, ONNX_DIR, graph_io
+from models.onnx_backend import (
+    EXPORT_INFO,
+    GRAPH_FILES,
+    GRAPH_IO,
+    NEIGHBOUR_GRAPH_FILES,
+    NEIGHBOUR_TASK,
+    ONNX_DIR,
+    graph_io,
+)
 from models.ood import GAUSSIAN, METHODS, OutOfScopeDetector
 from models.summarizer import ExtractiveSummarizer
 
@@ -107,6 +118,8 @@ class Bundle:
     detector: OutOfScopeDetector | None = None
     # precision ("fp32", "int8") -> ONNX graph in the bundle (see models.onnx_backend)
     onnx_graphs: dict[str, Path] = field(default_factory=dict)
+    # precision -> the neighbour vote's ONNX graph (a classifier with a vote)
+    neighbour_graphs: dict[str, Path] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -245,6 +258,7 @@ class _Checked:
     tokenizer: PreTrainedTokenizerBase
     documents: dict[str, Any]
     onnx_graphs: dict[str, Path] = field(default_factory=dict)
+    neighbour_graphs: dict[str, Path] = field(default_factory=dict)
 
 
 def _read_json(path: Path, name: str, display: Path) -> Any:
@@ -534,13 +548,32 @@ def _check_detector(
         )
 
 
-def _check_onnx(root: Path, display: Path, task: str, files: dict) -> dict[str, Path]:
+def _check_graph_io(display: Path, name: str, path: Path, task: str) -> None:
+    expected_inputs, expected_outputs = GRAPH_IO[task]
+    try:
+        inputs, outputs = graph_io(path)
+    except ValueError as exc:
+        raise BundleError(f"corrupt bundle {display}: {name} is {exc}") from None
+    if inputs != list(expected_inputs) or outputs != list(expected_outputs):
+        raise BundleError(
+            f"inconsistent bundle {display}: {name} has inputs {inputs} and outputs "
+            f"{outputs}, a {task!r} graph needs {list(expected_inputs)} and "
+            f"{list(expected_outputs)}"
+        )
+
+
+def _check_onnx(
+    root: Path, display: Path, task: str, files: dict, has_vote: bool = False
+) -> tuple[dict[str, Path], dict[str, Path]]:
     """Files under ``onnx/`` are known ones; each graph has its task's input and output
-    names, and ``onnx/export.json`` comes with them. Returns precision -> graph path."""
+    names, and ``onnx/export.json`` comes with them; a classifier with a neighbour vote
+    has the vote's graph in each precision of its own, and one without has none.
+    Returns precision -> graph path, for the model's graphs and the vote's."""
     names = {name for name in files if name.split("/")[0] == ONNX_DIR}
     if not names:
-        return {}
-    known = {*GRAPH_FILES.values(), EXPORT_INFO}
+        return {}, {}
+    vote_files = NEIGHBOUR_GRAPH_FILES if task == "intent-classification" else {}
+    known = {*GRAPH_FILES.values(), *vote_files.values(), EXPORT_INFO}
     unknown = sorted(names - known)
     if unknown:
         raise BundleError(
@@ -554,20 +587,24 @@ def _check_onnx(root: Path, display: Path, task: str, files: dict) -> dict[str, 
         )
     if not isinstance(_read_json(root / EXPORT_INFO, EXPORT_INFO, display), dict):
         raise BundleError(f"corrupt bundle {display}: {EXPORT_INFO} is not a JSON object")
-    expected_inputs, expected_outputs = GRAPH_IO[task]
     for precision, path in graphs.items():
-        name = GRAPH_FILES[precision]
-        try:
-            inputs, outputs = graph_io(path)
-        except ValueError as exc:
-            raise BundleError(f"corrupt bundle {display}: {name} is {exc}") from None
-        if inputs != list(expected_inputs) or outputs != list(expected_outputs):
-            raise BundleError(
-                f"inconsistent bundle {display}: {name} has inputs {inputs} and outputs "
-                f"{outputs}, a {task!r} graph needs {list(expected_inputs)} and "
-                f"{list(expected_outputs)}"
-            )
-    return graphs
+        _check_graph_io(display, GRAPH_FILES[precision], path, task)
+    vote_graphs = {p: root / name for p, name in vote_files.items() if name in names}
+    expected = set(graphs) if has_vote else set()
+    lacking, extra = sorted(expected - set(vote_graphs)), sorted(set(vote_graphs) - expected)
+    if lacking:
+        raise BundleError(
+            f"inconsistent bundle {display}: its neighbour vote has no {lacking[0]} ONNX graph "
+            f"({vote_files[lacking[0]]}); export again with: supportlens-export-onnx {display}"
+        )
+    if extra:
+        missing = GRAPH_FILES[extra[0]] if has_vote else f"a neighbour vote in {CONFIG}"
+        raise BundleError(
+            f"inconsistent bundle {display}: {vote_files[extra[0]]} without {missing}"
+        )
+    for precision, path in vote_graphs.items():
+        _check_graph_io(display, vote_files[precision], path, NEIGHBOUR_TASK)
+    return graphs, vote_graphs
 
 
 def _load_detector(root: Path, calibration: dict[str, Any]) -> OutOfScopeDetector | None:
@@ -611,8 +648,14 @@ def _check_readable(path: Path, task: str | None, display: Path) -> _Checked:
     documents = _check_documents(root, display, bundle_task, manifest["files"])
     if bundle_task == "intent-classification":
         _check_detector(root, display, config, documents[CALIBRATION], manifest["files"])
-    graphs = _check_onnx(root, display, bundle_task, manifest["files"])
-    return _Checked(bundle_task, config_dict, config, tokenizer, documents, graphs)
+    graphs, vote_graphs = _check_onnx(
+        root,
+        display,
+        bundle_task,
+        manifest["files"],
+        has_vote=bool(getattr(config, "neighbours", None)),
+    )
+    return _Checked(bundle_task, config_dict, config, tokenizer, documents, graphs, vote_graphs)
 
 
 def verify_bundle(directory: str | os.PathLike, task: str | None = None) -> dict[str, Any]:
@@ -678,4 +721,5 @@ def load_bundle(
         version=sha256_file(root / MANIFEST)[:12],
         detector=None if detector is None else detector.to(device),
         onnx_graphs=checked.onnx_graphs,
+        neighbour_graphs=checked.neighbour_graphs,
     )

@@ -5,6 +5,9 @@ A bundle may hold, next to ``model.safetensors`` (see :mod:`models.bundle`)::
 
     onnx/model.onnx         the model in fp32
     onnx/model.int8.onnx    the same with dynamically quantized int8 weights
+    onnx/neighbours.onnx, onnx/neighbours.int8.onnx
+                            a classifier with a neighbour vote (models.neighbours): the
+                            vote's encoder, in the same precisions as the model
     onnx/export.json        how they were exported (opset, quantization, measured differences)
 
 Graph inputs and outputs (names checked by :func:`models.bundle.verify_bundle`):
@@ -14,7 +17,11 @@ Graph inputs and outputs (names checked by :func:`models.bundle.verify_bundle`):
   (B, N*H) (the out-of-scope detector's features), all from one pass;
 - summarizer: ``input_ids``, ``attention_mask`` (C, L), ``unit_token_index``,
   ``unit_token_mask`` (B, U, Tu), ``unit_mask`` (B, U) → ``logits`` (B, U) and
-  ``pooling_weights`` (B, U, N, Tu).
+  ``pooling_weights`` (B, U, N, Tu);
+- the neighbour vote's encoder: ``input_ids``, ``attention_mask`` (B, T) → ``embeddings``
+  (B, H), L2-normalised (what :meth:`~models.neighbours.NeighbourVote.embed` returns).
+  Without it a bundle served on ONNX Runtime would run its unsure messages through the
+  PyTorch encoder, which cost the int8 backend more than a third of its throughput.
 
 Inputs are single-segment texts (token type 0, as the predictors tokenize them). Only
 the forward pass moves here: explanations that need gradients stay on PyTorch.
@@ -34,11 +41,17 @@ import torch
 from torch import nn
 
 from models.classifier import ClassifierOutput, IntentClassifier
+from models.neighbours import NeighbourVote
 from models.summarizer import ExtractiveSummarizer, SummarizerOutput
 
 ONNX_DIR = "onnx"
 PRECISIONS = ("fp32", "int8")
 GRAPH_FILES = {"fp32": f"{ONNX_DIR}/model.onnx", "int8": f"{ONNX_DIR}/model.int8.onnx"}
+NEIGHBOUR_GRAPH_FILES = {
+    "fp32": f"{ONNX_DIR}/neighbours.onnx",
+    "int8": f"{ONNX_DIR}/neighbours.int8.onnx",
+}
+NEIGHBOUR_TASK = "neighbour-vote"  # the vote's graph, under GRAPH_IO's key
 EXPORT_INFO = f"{ONNX_DIR}/export.json"
 OPSET = 17
 
@@ -52,6 +65,7 @@ GRAPH_IO: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("input_ids", "attention_mask", "unit_token_index", "unit_token_mask", "unit_mask"),
         ("logits", "pooling_weights"),
     ),
+    NEIGHBOUR_TASK: (("input_ids", "attention_mask"), ("embeddings",)),
 }
 _DYNAMIC_AXES = {
     "intent-classification": {
@@ -69,6 +83,11 @@ _DYNAMIC_AXES = {
         "unit_mask": {0: "batch", 1: "units"},
         "logits": {0: "batch", 1: "units"},
         "pooling_weights": {0: "batch", 1: "units", 3: "unit_tokens"},
+    },
+    NEIGHBOUR_TASK: {
+        "input_ids": {0: "batch", 1: "tokens"},
+        "attention_mask": {0: "batch", 1: "tokens"},
+        "embeddings": {0: "batch"},
     },
 }
 # Kept in fp32 by default when quantizing: the small layers whose outputs are read
@@ -134,11 +153,24 @@ class SummarizerGraph(nn.Module):
         return output.logits, output.pooling_weights
 
 
+class NeighbourGraph(nn.Module):
+    """The neighbour vote's encoder as exported: the L2-normalised sentence embeddings."""
+
+    def __init__(self, vote: NeighbourVote):
+        super().__init__()
+        self.model = vote
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        return self.model.embed(input_ids=input_ids, attention_mask=attention_mask)  # (B, H)
+
+
 def graph_module(model: nn.Module, task: str) -> nn.Module:
     if task == "intent-classification":
         return ClassifierGraph(model).eval()
     if task == "extractive-summarization":
         return SummarizerGraph(model).eval()
+    if task == NEIGHBOUR_TASK:
+        return NeighbourGraph(model).eval()
     raise OnnxBackendError(f"no ONNX graph for task {task!r}")
 
 
@@ -150,12 +182,14 @@ def export_graph(
     *,
     opset: int = OPSET,
 ) -> Path:
-    """Export ``model`` (a bundle's classifier or summarizer, on CPU, in eval mode) to
-    ``path`` as one file with dynamic batch and length axes, traced on ``example``.
+    """Export ``model`` (a bundle's classifier or summarizer, or a classifier's
+    :class:`~models.neighbours.NeighbourVote` with ``task`` :data:`NEIGHBOUR_TASK`; on CPU,
+    in eval mode) to ``path`` as one file with dynamic batch and length axes, traced on
+    ``example``.
 
-    The classifier goes through the TorchScript-based exporter (``dynamo=False``): fast,
-    and its nodes are named after their modules (``/model/pooling/key/MatMul``), which
-    quantization's fp32 exclusions read. The summarizer goes through ``torch.export``
+    The classifier and the vote go through the TorchScript-based exporter
+    (``dynamo=False``): fast, and its nodes are named after their modules
+    (``/model/pooling/key/MatMul``), which quantization's fp32 exclusions read. The summarizer goes through ``torch.export``
     (``dynamo=True``, needs onnxscript): TorchScript tracing freezes the batch sizes
     inside its unit-level ``nn.MultiheadAttention``. Autograd stays enabled while
     exporting so that the summarizer encodes all chunks in one pass and its unit
@@ -165,7 +199,7 @@ def export_graph(
     module = graph_module(model, task)
     args = tuple(example[name] for name in inputs)
     with torch.enable_grad():
-        if task == "intent-classification":
+        if task != "extractive-summarization":
             torch.onnx.export(
                 module,
                 args,
@@ -274,12 +308,15 @@ def graph_io(path: str | os.PathLike) -> tuple[list[str], list[str]]:
 # -- runtime --------------------------------------------------------------------------------
 
 
-def inference_session(path: str | os.PathLike, threads: int):
+def inference_session(path: str | os.PathLike, threads: int, *, spin: bool = True):
     """An ONNX Runtime CPU session with ``threads`` intra-op threads and no inter-op
-    parallelism (the same share of the cores a PyTorch worker gets)."""
+    parallelism (the same share of the cores a PyTorch worker gets). ``spin`` False: its
+    threads sleep as soon as a pass ends instead of spinning for the next one."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.intra_op_num_threads = max(1, int(threads))
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -300,17 +337,63 @@ def _numpy(tensor: torch.Tensor):
     return tensor.detach().cpu().numpy()
 
 
+def _single_segment(token_type_ids: torch.Tensor | None) -> None:
+    if token_type_ids is not None and bool(token_type_ids.any()):
+        raise OnnxBackendError("the ONNX graph reads single-segment inputs (token type 0)")
+
+
+class OnnxNeighbourEncoder:
+    """Called like :meth:`~models.neighbours.NeighbourVote.embed`: ``(B, H)`` L2-normalised
+    embeddings from the vote's graph."""
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1):
+        self.path = Path(path)
+        self.session = inference_session(path, threads, spin=False)
+
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _single_segment(token_type_ids)
+        (embeddings,) = self.session.run(
+            None,
+            {
+                "input_ids": _numpy(input_ids.long()),
+                "attention_mask": _numpy(attention_mask.long()),
+            },
+        )
+        return torch.from_numpy(embeddings)  # (B, H)
+
+
 class OnnxClassifier:
     """Called like :class:`~models.classifier.IntentClassifier` by the predictor: returns a
     :class:`~models.classifier.ClassifierOutput` with ``logits``, and ``pooling_weights`` /
-    ``pooled`` when asked (always computed: they come from the same pass)."""
+    ``pooled`` when asked (always computed: they come from the same pass).
+
+    ``neighbour_embed``: the vote's encoder graph in the same precision, for a bundle with
+    a neighbour vote (:class:`~models.predictor.IntentPredictor` runs it for unsure rows);
+    None otherwise. With two sessions in the process, neither spins between passes: the
+    threads of one that spins hold the cores that the other one, and PyTorch's steps
+    between them, need. With 2 threads on 2 cores, spinning made the vote cost about half
+    of int8's throughput (``benchmarks/results/neighbours.md`` measures it without)."""
 
     task = "intent-classification"
 
-    def __init__(self, path: str | os.PathLike, threads: int = 1, precision: str = "fp32"):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        threads: int = 1,
+        precision: str = "fp32",
+        neighbours: str | os.PathLike | None = None,
+    ):
         self.path = Path(path)
         self.backend = f"onnx-{precision}"
-        self.session = inference_session(path, threads)
+        self.session = inference_session(path, threads, spin=neighbours is None)
+        self.neighbour_embed = (
+            None if neighbours is None else OnnxNeighbourEncoder(neighbours, threads)
+        )
 
     def __call__(
         self,
@@ -324,8 +407,7 @@ class OnnxClassifier:
     ) -> ClassifierOutput:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if token_type_ids is not None and bool(token_type_ids.any()):
-            raise OnnxBackendError("the ONNX graph reads single-segment inputs (token type 0)")
+        _single_segment(token_type_ids)
         logits, weights, pooled = self.session.run(
             None,
             {
@@ -401,5 +483,10 @@ def require_graph(bundle: Any, precision: str) -> Path:
 
 def onnx_runner(bundle: Any, precision: str = "int8", threads: int = 1):
     """The session-based forward of ``bundle``'s graph in ``precision`` with ``threads``
-    intra-op threads (see :func:`require_graph` for the error when there is none)."""
-    return RUNNERS[bundle.task](require_graph(bundle, precision), threads, precision)
+    intra-op threads (see :func:`require_graph` for the error when there is none); a
+    classifier's runner carries its neighbour vote's graph too (the bundle check makes
+    sure a bundle with a vote has it)."""
+    path = require_graph(bundle, precision)
+    if bundle.task == "intent-classification":
+        return OnnxClassifier(path, threads, precision, bundle.neighbour_graphs.get(precision))
+    return RUNNERS[bundle.task](path, threads, precision)

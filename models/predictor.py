@@ -263,15 +263,17 @@ class IntentPredictor:
     ) -> ClassifierOutput:
         """Give the unsure rows of ``output`` the bundle's k-NN vote (:mod:`models.neighbours`),
         when it has one: those rows alone run the second encoder, in one pass cut to their
-        longest row. Their logits become ``temperature · log(p')``, so that
-        :meth:`probabilities` returns the interpolated distribution ``p'`` exactly."""
+        longest row, on the runner's backend (an ONNX runner carries the vote's graph).
+        Their logits become ``temperature · log(p')``, so that :meth:`probabilities`
+        returns the interpolated distribution ``p'`` exactly."""
         if not self.has_neighbour_vote:
             return output
         vote = self.model.neighbours
+        encoder = getattr(self.runner, "neighbour_embed", None) or vote.embed
 
         def embed(rows: torch.Tensor) -> torch.Tensor:
             width = max(lengths[i] for i in rows.tolist())
-            return vote.embed(**{k: v[rows, :width] for k, v in inputs.items()})  # (U, H)
+            return encoder(**{k: v[rows, :width] for k, v in inputs.items()})  # (U, H)
 
         output.logits = vote.revise(output.logits, self.temperature, embed)
         return output

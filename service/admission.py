@@ -9,10 +9,13 @@ The cost of a request is counted in token passes: each text's tokens (at most th
 model's length limit for classification, where longer text is truncated) times the
 forward and backward passes its methods need: 1 for the prediction, ``attention``
 free, ``rollout`` 1, ``gradient_x_input`` 2, ``integrated_gradients`` its steps and
-``occlusion`` one per word (counted as one per token, its upper bound). Per-request
-faithfulness (``"faithfulness": true``) adds, per requested method, one pass per
-perturbed text (two per bin: the top words deleted, and only them kept, each at most
-the text's tokens) and one for the text itself. On ``/v1/summarize``, ``occlusion``
+``occlusion`` one per word (counted as one per token, its upper bound). With a neighbour
+vote (:mod:`models.neighbours`) the prediction counts 2: its second encoder runs for the
+unsure texts, and any text may be one. Per-request faithfulness (``"faithfulness":
+true``) adds, per requested method, one pass per perturbed text (two per bin: the top
+words deleted, and only them kept, each at most the text's tokens), and one for the text
+itself where the prediction's probabilities cannot stand in for the classifier's (with a
+vote). On ``/v1/summarize``, ``occlusion``
 rescores the whole conversation once per word and once per sentence (counted as one
 per token plus one per sentence), and faithfulness adds two passes per bin per method
 plus one. Over ``SUPPORTLENS_MAX_REQUEST_COST`` the request is refused with 413 before
@@ -89,13 +92,17 @@ class ClassifyAdmission:
         self.labels = len(self.intents)
         self.max_length = predictor.max_length
         self.settings = settings
+        self.vote = bool(getattr(predictor, "has_neighbour_vote", False))
 
     def cost(self, tokens: list[int], methods: list[str], faithfulness: bool = False) -> int:
         total = 0
+        prediction = 2 if self.vote else 1
         for count in tokens:
             kept = min(count, self.max_length)
-            passes = 1 + sum(method_passes(m, kept, self.settings.ig_steps) for m in methods)
-            passes += faithfulness_passes(methods, faithfulness)
+            passes = prediction + sum(
+                method_passes(m, kept, self.settings.ig_steps) for m in methods
+            )
+            passes += faithfulness_passes(methods, faithfulness, text=self.vote)
             total += kept * passes
         return total
 

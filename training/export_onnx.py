@@ -6,8 +6,10 @@ Usage::
     python -m training.export_onnx runs/banking77/bundle --int8
 
 The graphs are written to ``BUNDLE/onnx/`` (``model.onnx``, ``model.int8.onnx``) with
-``onnx/export.json``; the bundle is rewritten atomically with its manifest covering them
-(see :func:`models.bundle.add_onnx_files`). The classifier's graph returns the logits,
+``onnx/export.json``; a classifier with a neighbour vote also gets its vote's encoder
+(``neighbours.onnx``, ``neighbours.int8.onnx``), checked the same way. The bundle is
+rewritten atomically with its manifest covering them (see
+:func:`models.bundle.add_onnx_files`). The classifier's graph returns the logits,
 the pooling weights (the free ``attention`` explanation) and the pooled features; the
 summarizer's the unit logits and pooling weights (:mod:`models.onnx_backend`).
 
@@ -36,6 +38,8 @@ from models.onnx_backend import (
     EXPORT_INFO,
     GRAPH_FILES,
     GRAPH_IO,
+    NEIGHBOUR_GRAPH_FILES,
+    NEIGHBOUR_TASK,
     OPSET,
     OnnxBackendError,
     export_graph,
@@ -97,6 +101,13 @@ def torch_outputs(bundle, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarr
     return {n: v.float().numpy() for n, v in zip(names, values, strict=True)}
 
 
+def vote_outputs(vote, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The neighbour vote's embeddings under its graph's output name."""
+    with torch.inference_mode():
+        embeddings = vote.embed(**inputs)
+    return {GRAPH_IO[NEIGHBOUR_TASK][1][0]: embeddings.float().numpy()}
+
+
 def onnx_outputs(path: Path, inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     """The graph's outputs by name, from a one-thread session."""
     session = inference_session(path, threads=1)
@@ -140,30 +151,42 @@ def export(
         "graphs": {},
     }
 
+    vote = getattr(bundle.model, "neighbours", None) if is_classifier else None
+
+    def export_precisions(module, task, files, reference, onnx_dir: Path, keep) -> dict:
+        """``files``' fp32 graph of ``module`` (and its int8 copy with ``--int8``), each
+        with its largest differences from ``reference`` on the check inputs."""
+        fp32 = onnx_dir / Path(files["fp32"]).name
+        export_graph(module, task, trace, fp32, opset=opset)
+        graphs: dict[str, dict] = {"fp32": {"file": files["fp32"]}}
+        if int8:
+            target = onnx_dir / Path(files["int8"]).name
+            quantization = quantize_graph(fp32, target, per_channel=per_channel, keep_fp32=keep)
+            graphs["int8"] = {"file": files["int8"], "quantization": quantization}
+        for entry in graphs.values():
+            path = onnx_dir / Path(entry["file"]).name
+            entry["max_abs_difference"] = differences(reference, onnx_outputs(path, check))
+        worst = max(graphs["fp32"]["max_abs_difference"].values())
+        if worst > FP32_TOLERANCE:
+            raise BundleError(
+                f"the fp32 ONNX graph {files['fp32']} differs from PyTorch by {worst:.2e} "
+                f"(more than {FP32_TOLERANCE:.0e}); nothing was written"
+            )
+        return graphs
+
     def write(onnx_dir: Path) -> None:
         import onnxruntime
 
         info["onnxruntime"] = onnxruntime.__version__
         started = time.perf_counter()
-        fp32 = onnx_dir / Path(GRAPH_FILES["fp32"]).name
-        export_graph(bundle.model, bundle.task, trace, fp32, opset=opset)
-        graphs = {"fp32": {"file": GRAPH_FILES["fp32"]}}
-        if int8:
-            target = onnx_dir / Path(GRAPH_FILES["int8"]).name
-            quantization = quantize_graph(
-                fp32, target, per_channel=per_channel, keep_fp32=keep_fp32
+        info["graphs"] = export_precisions(
+            bundle.model, bundle.task, GRAPH_FILES, expected, onnx_dir, keep_fp32
+        )
+        if vote is not None:
+            # The vote's encoder has no pooling or head: every MatMul is quantized.
+            info["neighbours"] = export_precisions(
+                vote, NEIGHBOUR_TASK, NEIGHBOUR_GRAPH_FILES, vote_outputs(vote, check), onnx_dir, ()
             )
-            graphs["int8"] = {"file": GRAPH_FILES["int8"], "quantization": quantization}
-        for entry in graphs.values():
-            path = onnx_dir / Path(entry["file"]).name
-            entry["max_abs_difference"] = differences(expected, onnx_outputs(path, check))
-        worst = max(graphs["fp32"]["max_abs_difference"].values())
-        if worst > FP32_TOLERANCE:
-            raise BundleError(
-                f"the fp32 ONNX graph differs from PyTorch by {worst:.2e} "
-                f"(more than {FP32_TOLERANCE:.0e}); nothing was written"
-            )
-        info["graphs"] = graphs
         info["export_time_s"] = round(time.perf_counter() - started, 1)
         atomic_write_json(onnx_dir / Path(EXPORT_INFO).name, info)
 
@@ -208,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BundleError, OnnxBackendError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for entry in info["graphs"].values():
+    for entry in [*info["graphs"].values(), *info.get("neighbours", {}).values()]:
         diffs = ", ".join(f"{k} {v:.2e}" for k, v in entry["max_abs_difference"].items())
         print(f"{args.bundle}/{entry['file']}: max |ONNX - PyTorch|: {diffs}")
     return 0

@@ -24,6 +24,7 @@ from models.onnx_backend import (
     EXPORT_INFO,
     GRAPH_FILES,
     GRAPH_IO,
+    NEIGHBOUR_GRAPH_FILES,
     OnnxBackendError,
     OnnxClassifier,
     OnnxSummarizer,
@@ -142,24 +143,90 @@ def test_onnx_predictor_gives_the_same_predictions_in_fp32(exported):
         assert ours.ood_score == pytest.approx(theirs.ood_score, abs=1e-4)
 
 
-def test_onnx_backend_serves_the_neighbour_vote_as_pytorch_does(exported, tiny_backbone, tmp_path):
+@pytest.fixture(scope="module")
+def voted(exported, tiny_backbone, tmp_path_factory):
+    """The classifier bundle with a neighbour vote whose gate (2) makes every row unsure,
+    exported with --int8."""
     from tests.conftest import add_neighbour_vote
 
-    # Every row unsure (gate 2): the vote's encoder runs in PyTorch beside the ONNX graph,
-    # which holds the classifier alone.
-    voted = add_neighbour_vote(
-        exported[0], tiny_backbone, TEXTS, [0, 1, 2], tmp_path / "voted", k=1, gate=2.0
+    path = add_neighbour_vote(
+        exported[0],
+        tiny_backbone,
+        TEXTS,
+        [0, 1, 2],
+        tmp_path_factory.mktemp("voted") / "bundle",
+        k=1,
+        gate=2.0,
     )
-    assert export_onnx.main([str(voted)]) == 0
+    assert export_onnx.main([str(path), "--int8"]) == 0
+    return path
+
+
+def test_export_writes_the_neighbour_vote_graph_in_each_precision(voted):
+    bundle = load_bundle(voted)
+    assert set(bundle.neighbour_graphs) == set(bundle.onnx_graphs) == {"fp32", "int8"}
+    manifest = json.loads((voted / "manifest.json").read_text())
+    for name in NEIGHBOUR_GRAPH_FILES.values():
+        assert manifest["files"][name] == hashlib.sha256((voted / name).read_bytes()).hexdigest()
+    info = json.loads((voted / EXPORT_INFO).read_text())["neighbours"]
+    assert max(info["fp32"]["max_abs_difference"].values()) <= export_onnx.FP32_TOLERANCE
+    assert info["int8"]["quantization"]["excluded_nodes"] == 0  # no pooling or head in it
+
+
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-4), ("int8", 0.25)])
+def test_onnx_backend_runs_the_neighbour_vote_on_its_own_graph(
+    voted, exported, precision, tolerance, monkeypatch
+):
     bundle = load_bundle(voted)
     plain = IntentPredictor(load_bundle(exported[0])).predict(TEXTS, top_k=1)
     torch_predictions = IntentPredictor(bundle).predict(TEXTS, top_k=1)
-    onnx_predictions = IntentPredictor(bundle, runner=onnx_runner(bundle, "fp32")).predict(
-        TEXTS, top_k=1
-    )
+    runner = onnx_runner(bundle, precision)
+    assert runner.neighbour_embed is not None
+    # Two sessions in one process: neither spins, so neither holds the other's cores.
+    for session in (runner.session, runner.neighbour_embed.session):
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the vote's PyTorch encoder ran under the ONNX backend")
+
+    # The PyTorch encoder of the vote would have cost the int8 backend over a third of
+    # its throughput on BANKING77: the ONNX runner must not fall back to it.
+    monkeypatch.setattr(bundle.model.neighbours.encoder, "forward", refuse)
+    onnx_predictions = IntentPredictor(bundle, runner=runner).predict(TEXTS, top_k=1)
     for ours, theirs, alone in zip(onnx_predictions, torch_predictions, plain, strict=True):
-        assert ours.score == pytest.approx(theirs.score, abs=1e-4)
-        assert theirs.score != pytest.approx(alone.score, abs=1e-3)
+        assert ours.score == pytest.approx(theirs.score, abs=tolerance)
+        assert theirs.score != pytest.approx(alone.score, abs=1e-3)  # the vote changed it
+
+
+def test_bundle_refuses_a_neighbour_vote_without_its_graph(voted, tmp_path):
+    path = _bundle_copy(voted, tmp_path)
+    name = NEIGHBOUR_GRAPH_FILES["int8"]
+    (path / name).unlink()
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"][name]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError) as refused:
+        load_bundle(path)
+    message = str(refused.value)
+    assert f"its neighbour vote has no int8 ONNX graph ({name})" in message
+    assert f"export again with: supportlens-export-onnx {path}" in message
+
+
+def test_bundle_refuses_a_neighbour_graph_without_a_vote_or_of_the_wrong_kind(
+    voted, exported, tmp_path
+):
+    path = _bundle_copy(exported[0], tmp_path)
+    name = NEIGHBOUR_GRAPH_FILES["fp32"]
+    shutil.copyfile(voted / name, path / name)
+    _resign(path, name)
+    with pytest.raises(BundleError, match=rf"{name} without a neighbour vote in config\.json"):
+        verify_bundle(path)
+    path = _bundle_copy(voted, tmp_path / "other")
+    shutil.copyfile(voted / GRAPH_FILES["fp32"], path / name)  # the classifier's graph
+    _resign(path, name)
+    with pytest.raises(BundleError, match=rf"{name} has inputs .*\['embeddings'\]"):
+        verify_bundle(path)
 
 
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", FP32), ("int8", INT8)])

@@ -24,9 +24,14 @@ class WordTokenizer:
         return {"input_ids": [[0] * (len(t.split()) + extra) for t in texts]}
 
 
-def classify(settings: Settings, max_length: int = 16):
+def classify(settings: Settings, max_length: int = 16, vote: bool = False):
     tokenizer = WordTokenizer()
-    predictor = SimpleNamespace(tokenizer=tokenizer, labels=["a", "b", "c"], max_length=max_length)
+    predictor = SimpleNamespace(
+        tokenizer=tokenizer,
+        labels=["a", "b", "c"],
+        max_length=max_length,
+        has_neighbour_vote=vote,
+    )
     return ClassifyAdmission(predictor, settings), tokenizer
 
 
@@ -119,6 +124,19 @@ def test_admission_counts_faithfulness_variants_per_method():
     with pytest.raises(Refusal) as refused:
         run(tight.check(["one two"], 3, ["occlusion"], faithfulness=True))
     assert refused.value.status == 413
+
+
+def test_admission_counts_the_neighbour_vote_pass_and_faithfulness_rescoring():
+    admission, _ = classify(Settings(ig_steps=8), vote=True)
+    # 4 tokens: prediction 2 (the classifier, and the vote's encoder for an unsure text).
+    assert admission.cost([4, 4], []) == 2 * 4 * 2
+    # Faithfulness scores the text again on the classifier alone: 1 + 2 x 5 bins.
+    assert admission.cost([4], ["occlusion"], faithfulness=True) == 4 * (2 + 4 + 1 + 10)
+    tight, _ = classify(Settings(max_request_cost=16), max_length=64, vote=True)
+    run(tight.check(["one two three four five six"], 3, []))  # 8 tokens x 2 passes
+    with pytest.raises(Refusal) as refused:
+        run(tight.check(["one two three four five six seven"], 3, []))
+    assert refused.value.status == 413 and "18" in refused.value.detail
 
 
 def test_admission_refuses_an_unknown_target_intent_naming_it():
