@@ -461,9 +461,6 @@ class OnnxSummarizer:
         )
 
 
-RUNNERS = {"intent-classification": OnnxClassifier, "extractive-summarization": OnnxSummarizer}
-
-
 def require_graph(bundle: Any, precision: str) -> Path:
     """The path of ``bundle``'s ONNX graph in ``precision``; :class:`OnnxBackendError`
     naming the export command when the bundle has none."""
@@ -489,4 +486,4 @@ def onnx_runner(bundle: Any, precision: str = "int8", threads: int = 1):
     path = require_graph(bundle, precision)
     if bundle.task == "intent-classification":
         return OnnxClassifier(path, threads, precision, bundle.neighbour_graphs.get(precision))
-    return RUNNERS[bundle.task](path, threads, precision)
+    return OnnxSummarizer(path, threads, precision)

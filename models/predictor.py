@@ -210,7 +210,13 @@ class IntentPredictor:
         )
 
     @torch.inference_mode()
-    def forward(self, encoding: BatchEncoding, *, output_pooling_weights: bool = False):
+    def forward(
+        self,
+        encoding: BatchEncoding,
+        *,
+        output_pooling_weights: bool = False,
+        neighbour_vote: bool = True,
+    ):
         """The classifier's output for an :meth:`encode` result (``.logits`` (B, C);
         ``.pooled`` (B, N*H) when the out-of-scope detector reads features; and
         ``.pooling_weights`` (B, N, T) when asked: the free ``attention`` explanation).
@@ -218,6 +224,8 @@ class IntentPredictor:
         Rows of similar length run together (:func:`length_groups`), each group cut to
         its own longest row, and the outputs come back in the encoding's row order with
         ``pooling_weights`` zero on the padding, as one padded pass would give them.
+        The bundle's neighbour vote revises the unsure rows (:meth:`neighbour_vote`) unless
+        ``neighbour_vote`` is False: the classifier alone.
         """
         inputs = self.model_inputs(encoding)
         mask = inputs["attention_mask"]
@@ -231,7 +239,7 @@ class IntentPredictor:
                 output_pooling_weights=output_pooling_weights,
                 output_pooled=self.needs_features,
             )
-            return self.neighbour_vote(output, inputs, lengths)
+            return self.neighbour_vote(output, inputs, lengths) if neighbour_vote else output
         # Padding is most of the work in a batch of mixed lengths: a CPU forward costs
         # about its padded tokens, and neither runner skips padding on its own.
         logits, weights, pooled = [], [], []
@@ -256,7 +264,7 @@ class IntentPredictor:
             pooling_weights=torch.cat(weights)[inverse] if output_pooling_weights else None,
             pooled=torch.cat(pooled)[inverse] if self.needs_features else None,
         )
-        return self.neighbour_vote(output, inputs, lengths)
+        return self.neighbour_vote(output, inputs, lengths) if neighbour_vote else output
 
     def neighbour_vote(
         self, output: ClassifierOutput, inputs: dict[str, torch.Tensor], lengths: list[int]
@@ -280,7 +288,8 @@ class IntentPredictor:
 
     @torch.inference_mode()
     def calibrated(self, texts: list[str]) -> torch.Tensor:
-        """Calibrated probabilities ``(N, C)`` of many texts, tokenized as :meth:`encode`
+        """Calibrated probabilities ``(N, C)`` of many texts by the classifier alone (no
+        neighbour vote: the model that explanations explain), tokenized as :meth:`encode`
         does and scored in one pass with the texts packed (:mod:`models.packing`) where the
         PyTorch model runs and its encoder allows; else as :meth:`forward` scores them.
         What per-request faithfulness scores its perturbed texts with.
@@ -294,7 +303,7 @@ class IntentPredictor:
             return torch.zeros(0, len(self.labels), device=self.device)
         encoding, _ = self.encode(texts)
         if self.runner is not self.model or not can_pack(self.model.encoder):
-            return self.probabilities(self.forward(encoding).logits)
+            return self.probabilities(self.forward(encoding, neighbour_vote=False).logits)
         inputs = self.model_inputs(encoding)
         reduced = self.variant_dtype != torch.float32
         with torch.autocast(self.device.type, dtype=self.variant_dtype, enabled=reduced):

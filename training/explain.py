@@ -21,8 +21,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from models.bundle import BundleError, load_bundle
 from models.explanations import METHODS, ExplanationError, normalize
 from models.files import atomic_write_text
@@ -120,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     def calibrated(texts: list[str]):
         # The classifier alone (no neighbour vote): faithfulness measures what is explained.
         encoding, _ = predictor.encode(texts)
-        with torch.inference_mode():
-            output = predictor.model(**predictor.model_inputs(encoding))
-        return predictor.probabilities(output.logits)
+        return predictor.probabilities(predictor.forward(encoding, neighbour_vote=False).logits)
 
     try:
         rows = explainer.explain(args.texts, args.method, targets, versus)

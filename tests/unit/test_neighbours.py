@@ -125,6 +125,27 @@ def test_predictor_serves_the_vote_for_unsure_rows(tmp_path, parts):
     )
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_predictor_calibrated_scores_the_classifier_without_the_vote(
+    tmp_path, parts, packed, monkeypatch
+):
+    # Faithfulness scores its perturbed texts with `calibrated`: it must measure the
+    # classifier that explanations explain, packed or not (a runner other than the
+    # PyTorch model, or an encoder that cannot pack, takes forward's path).
+    model, tokenizer, pretrained = parts
+    model.attach_neighbours(_vote(pretrained, tokenizer, k=2, weight=0.5, gate=2.0))
+    predictor = IntentPredictor(
+        load_bundle(_save(tmp_path / "bundle", model, tokenizer)), variant_precision="fp32"
+    )
+    if not packed:
+        monkeypatch.setattr("models.predictor.can_pack", lambda encoder: False)
+    encoding, _ = predictor.encode(TEXTS)
+    with torch.inference_mode():
+        plain = torch.softmax(model(**predictor.model_inputs(encoding)).logits / TEMPERATURE, -1)
+    assert torch.allclose(predictor.calibrated(TEXTS), plain, atol=1e-5)
+    assert not torch.allclose(predictor.probabilities(predictor.forward(encoding).logits), plain)
+
+
 def test_fit_vote_keeps_none_when_validation_does_not_gain(parts):
     _, tokenizer, pretrained = parts
     labels = np.array([0, 1, 2, 0])
