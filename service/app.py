@@ -38,6 +38,7 @@ from service import metrics
 from service.admission import ClassifyAdmission, Refusal, SummarizeAdmission
 from service.classify import ClassifyAPI
 from service.config import CHEAP_METHODS, ConfigError, Settings
+from service.heap import freeze_startup_heap
 from service.logs import REQUEST_ID, configure_logging
 from service.middleware import (
     ApiKeyMiddleware,
@@ -136,6 +137,7 @@ class SupportLensServer(compat.LitServerHooks):
         compat.transport(self).close_readers()  # each HTTP process holds its own
         self.shared.requests.close_writers()
         self.supervisor.start()
+        freeze_startup_heap("main process")
         http = [p for p in uvicorn_workers.values() if isinstance(p, mp.process.BaseProcess)]
         start_thread(lambda: self._watch_http(http), "http-watch")
         if self.metrics_server is not None:
@@ -196,11 +198,19 @@ class SupportLensServer(compat.LitServerHooks):
 
     # HTTP processes -----------------------------------------------------------------
 
+    def _lost(self, requests: list[QueuedRequest]) -> None:
+        """Requests that could not reach the main process (it is gone): answered 503."""
+        logger.error("the main process is gone: %d requests answered 503", len(requests))
+        error = self.supervisor.unavailable("the server is restarting; retry shortly")
+        for request in requests:
+            self.shared.release(request.slots)
+            compat.deliver_response(self, request.uid, error, ok=False)
+
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
         configure_logging(self.settings.log_level, self.settings.log_format)
         compat.transport(self).keep_only(compat.response_queue_id(self))
-        self.shared.requests.keep_only(compat.response_queue_id(self))
+        self.shared.requests.keep_only(compat.response_queue_id(self), lost=self._lost)
         # uvicorn installed its handlers for SIGINT/SIGTERM: keep its server object and
         # ignore both signals; the main process says when to stop (shared.stopping).
         uvicorn_server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
@@ -215,6 +225,7 @@ class SupportLensServer(compat.LitServerHooks):
 
         watcher = asyncio.create_task(stop_when_told()) if uvicorn_server is not None else None
         async with super().lifespan(app):
+            freeze_startup_heap(f"HTTP process {compat.response_queue_id(self)}")
             yield
         if watcher is not None:
             watcher.cancel()

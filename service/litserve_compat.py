@@ -36,7 +36,9 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import threading
+from collections import deque
 from typing import Any
 
 import litserve as ls
@@ -87,9 +89,11 @@ class PipeTransport(MessageTransport):
     LitServe's ``MPQueueTransport`` reads a multiprocessing queue through
     ``asyncio.to_thread``: each answer crosses a feeder thread in the writer and a
     thread-pool round trip in the reader, the largest share of the time a lone request
-    spends between processes. Here the main process writes each answer itself (one lock per
-    pipe: several supervision threads answer) and the HTTP process's event loop reads
-    it as soon as the pipe is readable (``add_reader``): no thread on either side.
+    spends between processes. Here the main process writes the answers itself (one lock
+    per pipe: several supervision threads answer), a batch's answers for one HTTP process
+    as one message (:meth:`send_all`), and the HTTP process's event loop reads them as
+    soon as the pipe is readable (``add_reader``) and hands them to LitServe's response
+    task one by one: no thread on either side.
 
     Created in the main process before the HTTP processes fork. Each HTTP process
     keeps only its own read end (:meth:`keep_only`) and the main process closes every
@@ -103,6 +107,7 @@ class PipeTransport(MessageTransport):
         self._readers = [reader for reader, _ in pipes]
         self._writers = [writer for _, writer in pipes]
         self._locks = [threading.Lock() for _ in pipes]
+        self._received = [deque() for _ in pipes]  # answers read, not yet taken
         self._closed = False
 
     def keep_only(self, consumer_id: int) -> None:
@@ -118,16 +123,23 @@ class PipeTransport(MessageTransport):
             reader.close()
 
     def send(self, item: Any, consumer_id: int) -> None:
+        self.send_all([item], consumer_id)
+
+    def send_all(self, items: list[Any], consumer_id: int) -> None:
+        """Several answers (a batch's) in one message: one write, one wake-up."""
         try:
             with self._locks[consumer_id]:
-                self._writers[consumer_id].send(item)
+                self._writers[consumer_id].send(items)
         except (BrokenPipeError, OSError):
-            logger.warning("HTTP process %d is gone: its answer is dropped", consumer_id)
+            logger.warning("HTTP process %d is gone: %d answers dropped", consumer_id, len(items))
 
     async def areceive(self, consumer_id: int, timeout: float | None = None, block: bool = True):
         """The next answer for this HTTP process, or None after ``timeout`` (at most 1 s)."""
         if self._closed:
             raise asyncio.CancelledError("transport closed")
+        received = self._received[consumer_id]
+        if received:
+            return received.popleft()
         reader = self._readers[consumer_id]
         if not reader.poll():
             loop = asyncio.get_running_loop()
@@ -140,9 +152,15 @@ class PipeTransport(MessageTransport):
             finally:
                 loop.remove_reader(reader.fileno())
         try:
-            return reader.recv()  # the writer sends each answer whole, at once
+            # uvloop's add_reader leaves the pipe non-blocking, and a message larger than
+            # the pipe's buffer arrives in parts: read it whole (the main process writes
+            # the rest at once), or a part not there yet would end this HTTP process's
+            # answers for good.
+            os.set_blocking(reader.fileno(), True)
+            received.extend(reader.recv())
         except (EOFError, OSError):
             raise asyncio.CancelledError("transport closed") from None
+        return received.popleft()
 
     def close(self, send_sentinel: bool = True) -> None:
         self._closed = True
@@ -160,9 +178,25 @@ def transport(server: ls.LitServer) -> PipeTransport:
     return server._transport
 
 
-def send_response(server: ls.LitServer, consumer: int, uid: str, payload: Any, ok: bool) -> None:
-    status = LitAPIStatus.OK if ok else LitAPIStatus.ERROR
-    server._transport.send((uid, (payload, status, LoopResponseType.REGULAR, 0)), consumer)
+def send_responses(
+    server: ls.LitServer, consumer: int, replies: list[tuple[str, Any, bool]]
+) -> None:
+    """Answers ``(uid, payload, ok)`` for the HTTP process ``consumer``, in one message."""
+    server._transport.send_all(
+        [
+            (
+                uid,
+                (
+                    payload,
+                    LitAPIStatus.OK if ok else LitAPIStatus.ERROR,
+                    LoopResponseType.REGULAR,
+                    0,
+                ),
+            )
+            for uid, payload, ok in replies
+        ],
+        consumer,
+    )
 
 
 def register_response(server: ls.LitServer, uid: str) -> asyncio.Event:
@@ -170,6 +204,15 @@ def register_response(server: ls.LitServer, uid: str) -> asyncio.Event:
     event = asyncio.Event()
     server.response_buffer[uid] = ResponseBufferItem(event)
     return event
+
+
+def deliver_response(server: ls.LitServer, uid: str, payload: Any, ok: bool) -> None:
+    """In an HTTP process: answer ``uid`` here, as LitServe's response task does."""
+    item = server.response_buffer.get(uid)
+    if item is None:
+        return
+    item.response = (payload, LitAPIStatus.OK if ok else LitAPIStatus.ERROR)
+    item.event.set()
 
 
 def take_response(server: ls.LitServer, uid: str) -> tuple[Any, bool] | None:

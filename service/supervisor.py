@@ -14,8 +14,9 @@ that API. So this module owns the path from the HTTP processes to the workers:
   own, and the thread that watches it hands the worker everything that waits (up to
   the batch size) as soon as the worker is idle. Batches form only while every
   worker is busy; an idle worker runs a lone request at once;
-- the answers come back over the same pipe and go to the HTTP process that asked,
-  over a queue written only by the main process;
+- the answers come back over the same pipe, a batch's in one message, and go to the
+  HTTP process that asked, over a pipe written only by the main process (one message
+  per batch and HTTP process);
 - a worker whose process ends, or whose heartbeat the supervisor sees unchanged for
   ``SUPPORTLENS_WORKER_HANG_TIMEOUT`` seconds (then it is killed), is replaced at
   once; the requests it held are answered 503 with ``Retry-After`` right away, and
@@ -30,12 +31,14 @@ that API. So this module owns the path from the HTTP processes to the workers:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import multiprocessing as mp
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -81,8 +84,13 @@ class RequestPipes:
     closes every write end once they run (:meth:`close_writers`), so that an HTTP
     process that dies reads as the end of its pipe.
 
-    A write blocks the event loop only while a request larger than the pipe's buffer
-    (64 KiB) is being read, and the intake thread does nothing but read.
+    The requests an event loop queues in one turn go as one message, written at the end
+    of that turn (``call_soon``): under load the HTTP process parses several requests
+    per turn, and one write and one wake-up of the intake thread for all of them cut
+    the HTTP process's and the main process's CPU per request
+    (``benchmarks/results/backends.md``); a lone request waits for nothing. A write
+    blocks the event loop only while a message larger than the pipe's buffer (64 KiB)
+    is being read, and the intake thread does nothing but read.
     """
 
     def __init__(self, producers: int):
@@ -90,13 +98,23 @@ class RequestPipes:
         self._readers: list[Connection] = [reader for reader, _ in pipes]
         self._writers: list[Connection] = [writer for _, writer in pipes]
         self._lock = threading.Lock()  # an HTTP process's writers: its event loop, and tests
+        self._pending: list[QueuedRequest] = []  # queued this turn of the event loop
+        self._lost: Callable[[list[QueuedRequest]], None] = _log_lost
 
-    def keep_only(self, producer: int) -> None:
-        """In an HTTP process: close the ends that belong to the main process and to others."""
+    def keep_only(
+        self, producer: int, lost: Callable[[list[QueuedRequest]], None] | None = None
+    ) -> None:
+        """In an HTTP process: close the ends that belong to the main process and to others.
+
+        ``lost`` is told of requests whose message could not be written (the main
+        process is gone), so that their clients are answered rather than left waiting.
+        """
         for index, (reader, writer) in enumerate(zip(self._readers, self._writers, strict=True)):
             reader.close()
             if index != producer:
                 writer.close()
+        if lost is not None:
+            self._lost = lost
 
     def close_writers(self) -> None:
         """In the main process, once the HTTP processes hold their write ends."""
@@ -104,19 +122,42 @@ class RequestPipes:
             writer.close()
 
     def send(self, producer: int, request: QueuedRequest) -> None:
-        with self._lock:
-            self._writers[producer].send(request)
+        """Queue ``request`` for the main process: at the end of this turn of the running
+        event loop, with the others of the turn, or at once without a running loop."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._pending.append(request)
+        if loop is None:
+            self._flush(producer)
+        elif len(self._pending) == 1:
+            loop.call_soon(self._flush, producer)
+
+    def _flush(self, producer: int) -> None:
+        requests, self._pending = self._pending, []
+        if not requests:
+            return
+        try:
+            with self._lock:
+                self._writers[producer].send(requests)
+        except (OSError, ValueError):  # the main process is gone (or the pipe closed)
+            self._lost(requests)
 
     def receive(self, timeout: float) -> list[QueuedRequest]:
         """What arrived within ``timeout`` seconds, from any HTTP process (maybe nothing)."""
         received = []
         for reader in wait(self._readers, timeout):
             try:
-                received.append(reader.recv())
+                received.extend(reader.recv())
             except (EOFError, OSError):  # that HTTP process is gone
                 self._readers.remove(reader)
                 reader.close()
         return received
+
+
+def _log_lost(requests: list[QueuedRequest]) -> None:
+    logger.error("the main process is gone: %d requests could not be queued", len(requests))
 
 
 class SharedState:
@@ -352,13 +393,15 @@ class WorkerHandle:
             while True:
                 ready = wait([self.conn, self.process.sentinel], timeout=POLL_S)
                 if self.conn in ready:
-                    message = self.conn.recv()
-                    if message[0] == "idle":
-                        break
-                    request = held.pop(message[1], None)
-                    if request is not None:
-                        value = message[2] if len(message) > 2 else None
-                        self.supervisor.answer(request, message[0], value)
+                    _, answers = self.conn.recv()  # ("done", answers): the batch is over
+                    self.supervisor.answer_all(
+                        [
+                            (held.pop(answer[1]), answer[0], answer[2] if len(answer) > 2 else None)
+                            for answer in answers
+                            if answer[1] in held
+                        ]
+                    )
+                    break
                 elif self.process.sentinel in ready or not self.alive():
                     raise EOFError
         except (EOFError, OSError, BrokenPipeError):
@@ -487,15 +530,24 @@ class Supervisor:
         ``kind`` is ``ok`` (``value``: the body), ``error`` (``value``: status, detail
         and optionally headers) or ``expired`` (its client was answered 504 already).
         """
-        self.shared.release(request.slots)
-        if kind == "ok":
-            compat.send_response(self.server, request.consumer, request.uid, value, ok=True)
-            return
-        if kind == "expired":
-            error = (504, "no answer within the request timeout; try again later", {})
-        else:
-            error = value if len(value) == 3 else (*value, {})
-        compat.send_response(self.server, request.consumer, request.uid, error, ok=False)
+        self.answer_all([(request, kind, value)])
+
+    def answer_all(self, answers: list[tuple[QueuedRequest, str, Any]]) -> None:
+        """:meth:`answer` for several requests (a batch): one message per HTTP process."""
+        by_consumer: dict[int, list[tuple[str, Any, bool]]] = {}
+        for request, kind, value in answers:
+            self.shared.release(request.slots)
+            if kind == "ok":
+                reply = (request.uid, value, True)
+            else:
+                if kind == "expired":
+                    error = (504, "no answer within the request timeout; try again later", {})
+                else:
+                    error = value if len(value) == 3 else (*value, {})
+                reply = (request.uid, error, False)
+            by_consumer.setdefault(request.consumer, []).append(reply)
+        for consumer, replies in by_consumer.items():
+            compat.send_responses(self.server, consumer, replies)
 
     def stop(self) -> None:
         """Stop every worker; the HTTP processes must be gone already."""

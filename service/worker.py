@@ -28,6 +28,7 @@ from litserve.callbacks import EventTypes
 from litserve.loops import LitLoop, inference_worker
 from pydantic import ConfigDict, TypeAdapter
 
+from service.heap import freeze_startup_heap
 from service.logs import REQUEST_ID, configure_logging
 from service.signals import ignore_shutdown_signals
 
@@ -106,8 +107,12 @@ class SupervisedLoop(LitLoop):
     Each batch arrives as ``(threads, jobs)``: the torch threads to run it with, and
     the requests.
 
-    Answers, one message per request: ``("ok", uid, body)``, ``("error", uid,
-    (status, detail))`` or ``("expired", uid)``; then ``("idle",)`` after each batch.
+    Answers: one message per batch once it is over, ``("done", answers)``, an answer per
+    request: ``("ok", uid, body)``, ``("error", uid, (status, detail))`` or
+    ``("expired", uid)``. One message rather than one per request: each pipe message
+    costs a pickle, a write and a wake-up of the reader in the worker, again in the main
+    process that forwards the answers, and in the HTTP process; per batch, they cost
+    far less than the request's own work (``benchmarks/results/backends.md``).
     """
 
     def __call__(
@@ -130,6 +135,7 @@ class SupervisedLoop(LitLoop):
 
         threading.Thread(target=beat, daemon=True, name="heartbeat").start()
         logger.info("model loaded on %s; serving %s", device, lit_api.api_path)
+        freeze_startup_heap(f"model worker {lit_api.api_path} {worker_id}")
         channel.conn.send(("ready", os.getpid()))
         while True:
             try:
@@ -140,8 +146,7 @@ class SupervisedLoop(LitLoop):
                 return
             threads, jobs = message
             self.use_threads(lit_api, threads)
-            self.serve(lit_api, jobs, channel.conn)
-            channel.conn.send(("idle",))
+            channel.conn.send(("done", self.serve(lit_api, jobs)))
 
     def use_threads(self, lit_api, threads: int) -> None:
         """Run the next batch with ``threads`` torch threads (the supervisor's choice)."""
@@ -162,11 +167,13 @@ class SupervisedLoop(LitLoop):
         self._event(EventTypes.AFTER_PREDICT, lit_api)
         return outputs
 
-    def serve(self, lit_api, jobs: list[Job], conn: Connection) -> None:
+    def serve(self, lit_api, jobs: list[Job]) -> list[tuple]:
+        """Run one batch; its answers, one per job (in no particular order)."""
+        answers: list[tuple] = []
         decoded: list[tuple[Job, Any]] = []
         for job in jobs:
             if time.monotonic() > job.deadline:  # already answered 504: no work for it
-                conn.send(("expired", job.uid))
+                answers.append(("expired", job.uid))
                 continue
             token = REQUEST_ID.set(job.request_id)
             try:
@@ -175,18 +182,18 @@ class SupervisedLoop(LitLoop):
                 decoded.append((job, lit_api.decode_request(job.payload, context=context)))
                 self._event(EventTypes.AFTER_DECODE_REQUEST, lit_api)
             except Exception as error:
-                conn.send(("error", job.uid, _error(error)))
+                answers.append(("error", job.uid, _error(error)))
             finally:
                 REQUEST_ID.reset(token)
         if not decoded:
-            return
+            return answers
         try:
             outputs = self._predict(lit_api, [x for _, x in decoded])
             answered = list(zip(decoded, outputs, strict=True))
         except Exception as error:
             if len(decoded) == 1:
-                conn.send(("error", decoded[0][0].uid, _error(error)))
-                return
+                answers.append(("error", decoded[0][0].uid, _error(error)))
+                return answers
             logger.warning(
                 "batch of %d failed (%s); retrying its requests one by one",
                 len(decoded),
@@ -198,18 +205,19 @@ class SupervisedLoop(LitLoop):
                 try:
                     answered.append((item, self._predict(lit_api, [item[1]])[0]))
                 except Exception as single_error:
-                    conn.send(("error", item[0].uid, _error(single_error)))
+                    answers.append(("error", item[0].uid, _error(single_error)))
                 finally:
                     REQUEST_ID.reset(token)
         for (job, _), output in answered:
             if output is EXPIRED:
-                conn.send(("expired", job.uid))
+                answers.append(("expired", job.uid))
                 continue
             try:
                 self._event(EventTypes.BEFORE_ENCODE_RESPONSE, lit_api)
                 body = to_json(lit_api.encode_response(output))
                 self._event(EventTypes.AFTER_ENCODE_RESPONSE, lit_api)
             except Exception as error:
-                conn.send(("error", job.uid, _error(error)))
+                answers.append(("error", job.uid, _error(error)))
                 continue
-            conn.send(("ok", job.uid, body))
+            answers.append(("ok", job.uid, body))
+        return answers

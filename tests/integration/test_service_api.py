@@ -327,6 +327,25 @@ def test_service_workers_let_idle_threads_sleep_soon(server):
         assert environ.get("GOMP_SPINCOUNT") == "10000"
 
 
+def test_service_processes_freeze_their_startup_heap_out_of_garbage_collection(server):
+    # A full collection walks every object of a process; frozen at the end of start-up,
+    # the hundreds of thousands that live as long as the process (torch, FastAPI, the
+    # model) are skipped, so the event loop and the dispatch never stall on them.
+    frozen = {
+        role: int(count)
+        for role, count in re.findall(
+            r"(main process|HTTP process \d+|model worker [/\w-]+ \d+): (\d+) start-up objects frozen",
+            server.log_path.read_text(errors="replace"),
+        )
+    }
+    workers = Settings.from_env(server.env).classify_workers()
+    expected = {"main process", "HTTP process 0", "HTTP process 1"} | {
+        f"model worker /v1/classify {rank}" for rank in range(workers)
+    }
+    assert expected <= set(frozen), frozen
+    assert min(frozen.values()) > 10_000  # the imported libraries, at least
+
+
 def _probability(server, auth, texts, intent):
     """The calibrated probability of ``intent`` for each text, asked of the API itself."""
     response = post(server, "/v1/classify", {"texts": texts, "top_k": len(INTENTS)}, auth)

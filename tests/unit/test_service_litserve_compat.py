@@ -5,12 +5,18 @@ Fails loudly when a LitServe upgrade renames or reshapes what the service relies
 
 import asyncio
 import inspect
+import os
 import re
+import struct
 import threading
+import time
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
+from types import SimpleNamespace
 
 import litserve as ls
 import pytest
+import uvloop
 from litserve import loops, server, utils
 from litserve.transport.base import MessageTransport
 
@@ -90,6 +96,7 @@ def test_response_task_reads_the_transport_format():
     source = inspect.getsource(server.response_queue_to_buffer)
     assert "uid, (*response, response_type, worker_id) = result" in source
     assert "response_item.response = response" in source
+    assert "response_item.event.set()" in source  # as deliver_response does
     fields = {f for f in utils.ResponseBufferItem.__dataclass_fields__}
     assert {"event", "response"} <= fields
     assert {"OK", "ERROR"} <= set(vars(utils.LitAPIStatus))
@@ -99,6 +106,20 @@ def test_response_task_reads_the_transport_format():
     assert MessageTransport.__abstractmethods__ == {"send", "areceive"}
     shutdown = inspect.getsource(ls.LitServer._perform_graceful_shutdown)
     assert "self._transport.close(send_sentinel=" in shutdown
+
+
+def test_deliver_response_answers_a_waiting_request_in_the_http_process():
+    async def deliver() -> tuple:
+        fake = SimpleNamespace(response_buffer={})
+        event = litserve_compat.register_response(fake, "u1")
+        litserve_compat.deliver_response(fake, "u1", (503, "retry", {}), ok=False)
+        litserve_compat.deliver_response(fake, "gone", (503, "retry", {}), ok=False)  # no-op
+        await asyncio.wait_for(event.wait(), 1)
+        return litserve_compat.take_response(fake, "u1"), fake.response_buffer
+
+    answer, left = asyncio.run(deliver())
+    assert answer == ((503, "retry", {}), False)
+    assert left == {}
 
 
 def test_pipe_transport_delivers_answers_to_the_event_loop_in_order():
@@ -112,6 +133,50 @@ def test_pipe_transport_delivers_answers_to_the_event_loop_in_order():
     assert asyncio.run(receive(1))[0] == "a"
     assert asyncio.run(receive(1))[0] == "b"
     assert asyncio.run(transport.areceive(0, timeout=0.05)) is None  # nothing for consumer 0
+
+
+def test_pipe_transport_sends_a_batch_of_answers_as_one_message():
+    transport = litserve_compat.PipeTransport(1)
+    transport.send_all([(uid, (uid, "ok", "regular", 0)) for uid in "abc"], 0)
+    reader = transport._readers[0]
+
+    async def receive_three():
+        return [(await transport.areceive(0, timeout=1))[0] for _ in range(3)]
+
+    assert asyncio.run(receive_three()) == ["a", "b", "c"]
+    assert not reader.poll()  # all three came in the one message
+    assert asyncio.run(transport.areceive(0, timeout=0.05)) is None
+
+
+def _send_slowly(transport, items, consumer: int) -> None:
+    """Write one message as a writer that is descheduled halfway through does."""
+    payload = ForkingPickler.dumps(items)
+    message = struct.pack("!i", len(payload)) + bytes(payload)
+    fd = transport._writers[consumer].fileno()
+    half = len(message) // 2
+    os.write(fd, message[:half])
+    time.sleep(0.3)
+    while half < len(message):  # os.write may write less than asked
+        half += os.write(fd, message[half:])
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_pipe_transport_reads_a_message_that_arrives_in_parts_on_any_event_loop(loop_factory):
+    # uvicorn runs on uvloop when it is installed, and uvloop's add_reader makes the
+    # pipe non-blocking: a message the main process is still writing (any message
+    # larger than the pipe's buffer) must still be read whole, and the next one too.
+    transport = litserve_compat.PipeTransport(1)
+    first = [(f"u{i}", ("x" * 1000, "ok", "regular", 0)) for i in range(30)]
+
+    async def receive_all() -> list[str]:
+        threading.Timer(0.1, _send_slowly, (transport, first, 0)).start()  # while it waits
+        uids = [(await transport.areceive(0, timeout=5))[0] for _ in first]
+        threading.Timer(0.1, transport.send, (("after", ("y", "ok", "regular", 0)), 0)).start()
+        uids.append((await transport.areceive(0, timeout=5))[0])
+        return uids
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(receive_all()) == [uid for uid, _ in first] + ["after"]
 
 
 def test_pipe_transport_wakes_the_loop_when_an_answer_arrives():

@@ -1,6 +1,7 @@
 """The dispatcher: an idle worker takes everything queued at once; nothing waits for a batch.
 The threads a batch runs with: every core for a lone batch, one share each when all are busy."""
 
+import asyncio
 import multiprocessing as mp
 import threading
 import time
@@ -154,3 +155,65 @@ def test_request_pipes_bring_each_http_process_requests_in_order_and_end_with_it
     # Both HTTP processes are gone: their pipes read as ended and are dropped, not polled.
     assert pipes.receive(0.5) == [] and pipes.receive(0.1) == []
     assert pipes._readers == []
+
+
+def test_request_pipes_send_the_requests_of_one_event_loop_turn_as_one_message():
+    pipes = RequestPipes(1)
+    reader = pipes._readers[0]
+
+    async def queue_three() -> bool:
+        for uid in "abc":
+            pipes.send(0, queued(uid))
+        written_at_once = reader.poll()
+        await asyncio.sleep(0)  # the end of this turn
+        return written_at_once
+
+    assert asyncio.run(queue_three()) is False
+    assert [r.uid for r in reader.recv()] == ["a", "b", "c"]  # one message, in order
+    assert not reader.poll()
+    pipes.send(0, queued("d"))  # no running event loop: written at once
+    assert [r.uid for r in pipes.receive(1.0)] == ["d"]
+
+
+def test_request_pipes_report_requests_the_main_process_can_no_longer_read():
+    pipes = RequestPipes(1)
+    lost: list[str] = []
+    pipes.keep_only(0, lost=lambda requests: lost.extend(r.uid for r in requests))
+
+    async def queue_two() -> None:
+        pipes.send(0, queued("a"))
+        pipes.send(0, queued("b"))
+        await asyncio.sleep(0)
+
+    asyncio.run(queue_two())  # keep_only closed the read end: the main process is gone
+    assert lost == ["a", "b"]
+
+
+def test_supervisor_answers_a_batch_with_one_message_per_http_process():
+    from service import litserve_compat
+
+    transport = litserve_compat.PipeTransport(2)
+    server = SimpleNamespace(_transport=transport)
+    shared = SharedState({"/v1/classify": 1})
+    supervisor = Supervisor(server, shared, Settings(device="cpu"))
+    requests = [queued(uid) for uid in "abcd"]
+    for request, consumer in zip(requests, (0, 1, 0, 0), strict=True):
+        request.consumer = consumer
+        assert shared.try_acquire("in_flight", 10)
+    supervisor.answer_all(
+        [
+            (requests[0], "ok", b"{}"),
+            (requests[1], "ok", b"{}"),
+            (requests[2], "error", (422, "texts[0]: empty")),
+            (requests[3], "expired", None),
+        ]
+    )
+    assert shared.in_flight() == 0  # every slot released
+    first = transport._readers[0].recv()
+    assert [(uid, payload[0]) for uid, payload in first] == [
+        ("a", b"{}"),
+        ("c", (422, "texts[0]: empty", {})),
+        ("d", (504, "no answer within the request timeout; try again later", {})),
+    ]
+    assert [uid for uid, _ in transport._readers[1].recv()] == ["b"]
+    assert not transport._readers[0].poll() and not transport._readers[1].poll()

@@ -1,6 +1,7 @@
 """The worker loop: LitServe callbacks fire, one request's failure stays its own, expired
 requests get no work, each batch runs with the threads it was sent."""
 
+import gc
 import multiprocessing as mp
 import time
 
@@ -9,7 +10,7 @@ import torch
 from fastapi import HTTPException
 from litserve.callbacks import Callback, CallbackRunner
 
-from service.worker import Job, SupervisedLoop
+from service.worker import Job, SupervisedLoop, WorkerChannel
 
 pytestmark = pytest.mark.unit
 
@@ -57,12 +58,7 @@ def serve(jobs):
     api, recorder = EchoAPI(), Recorder()
     loop = SupervisedLoop()
     loop.callbacks = CallbackRunner([recorder])
-    reader, writer = mp.Pipe(duplex=False)
-    loop.serve(api, jobs, writer)
-    answers = {}
-    while reader.poll():
-        message = reader.recv()
-        answers[message[1]] = message
+    answers = {answer[1]: answer for answer in loop.serve(api, jobs)}
     return api, recorder, answers
 
 
@@ -109,3 +105,30 @@ def test_worker_loop_runs_each_batch_with_the_threads_it_was_sent():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_worker_loop_answers_a_batch_in_one_message_and_freezes_its_startup_heap():
+    """The loop as a worker process runs it: ready, then one message per batch; the
+    objects of start-up (the loaded model) are frozen out of garbage collection first."""
+    gc.unfreeze()
+    parent, child = mp.Pipe()
+    channel = WorkerChannel(child, mp.RawValue("d", 0.0))
+    loop = SupervisedLoop()
+    parent.send((1, [job("a", "one"), job("b", "refuse"), job("c", "two")]))
+    parent.send(None)  # then stop
+    before = torch.get_num_threads()
+    try:
+        loop(EchoAPI(), "cpu", 0, channel, None, None, CallbackRunner([]))
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(before)
+    assert parent.recv()[0] == "ready"
+    kind, answers = parent.recv()
+    assert kind == "done"
+    assert sorted(answers) == [
+        ("error", "b", (422, "texts[0]: refused")),
+        ("ok", "a", b'{"text":"ONE"}'),
+        ("ok", "c", b'{"text":"TWO"}'),
+    ]
+    assert not parent.poll()
