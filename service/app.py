@@ -200,7 +200,7 @@ class SupportLensServer(compat.LitServerHooks):
 
     def _lost(self, requests: list[QueuedRequest]) -> None:
         """Requests that could not reach the main process (it is gone): answered 503."""
-        logger.error("the main process is gone: %d requests answered 503", len(requests))
+        logger.error("%d requests could not reach the main process: answered 503", len(requests))
         error = self.supervisor.unavailable("the server is restarting; retry shortly")
         for request in requests:
             self.shared.release(request.slots)

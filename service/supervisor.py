@@ -143,6 +143,9 @@ class RequestPipes:
                 self._writers[producer].send(requests)
         except (OSError, ValueError):  # the main process is gone (or the pipe closed)
             self._lost(requests)
+        except Exception:  # never leave them waiting: a callback's error would be only logged
+            logger.exception("%d requests could not be queued", len(requests))
+            self._lost(requests)
 
     def receive(self, timeout: float) -> list[QueuedRequest]:
         """What arrived within ``timeout`` seconds, from any HTTP process (maybe nothing)."""

@@ -189,6 +189,21 @@ def test_request_pipes_report_requests_the_main_process_can_no_longer_read():
     assert lost == ["a", "b"]
 
 
+def test_request_pipes_report_requests_that_cannot_be_written_at_all():
+    pipes = RequestPipes(1)
+    lost: list[str] = []
+    pipes._lost = lambda requests: lost.extend(r.uid for r in requests)
+    unpicklable = queued("bad")
+    unpicklable.payload = lambda: None
+
+    async def queue_one() -> None:
+        pipes.send(0, unpicklable)
+        await asyncio.sleep(0)
+
+    asyncio.run(queue_one())
+    assert lost == ["bad"]
+
+
 def test_supervisor_answers_a_batch_with_one_message_per_http_process():
     from service import litserve_compat
 
