@@ -335,12 +335,9 @@ class WorkerHandle:
         runnable, expired = self.dispatcher.take(
             self.lit_api.max_batch_size, POLL_S, self.worker_id
         )
-        for request in expired:
-            self.supervisor.answer(
-                request,
-                "error",
-                (504, "request waited too long for a model worker; retry later"),
-            )
+        if expired:
+            waited = (504, "request waited too long for a model worker; retry later")
+            self.supervisor.answer_all([(request, "error", waited) for request in expired])
         if runnable:
             self.run_batch(runnable)
         elif not self.alive():
@@ -408,20 +405,17 @@ class WorkerHandle:
                 elif self.process.sentinel in ready or not self.alive():
                     raise EOFError
         except (EOFError, OSError, BrokenPipeError):
-            for request in held.values():
-                self.supervisor.answer(
-                    request,
-                    "error",
-                    self.supervisor.unavailable(
-                        "the model worker handling this request stopped; retry shortly"
-                    ),
-                )
+            stopped = self.supervisor.unavailable(
+                "the model worker handling this request stopped; retry shortly"
+            )
+            self.supervisor.answer_all([(request, "error", stopped) for request in held.values()])
             held.clear()
             self.replace("stopped while handling requests")
         finally:
             self.supervisor.idle(self)
-        for request in held.values():  # a worker that forgot one: never leave it hanging
-            self.supervisor.answer(request, "error", (500, "internal error: no answer"))
+        if held:  # a worker that forgot one: never leave it hanging
+            forgotten = (500, "internal error: no answer")
+            self.supervisor.answer_all([(request, "error", forgotten) for request in held.values()])
 
     def replace(self, why: str) -> None:
         shared = self.supervisor.shared
@@ -431,8 +425,10 @@ class WorkerHandle:
         if shared.live_workers(self.lit_api.api_path) == 0:
             # No worker left for this API until the new one has loaded its model: what
             # waits would only time out, so it is answered now (and retried elsewhere).
-            for request in self.dispatcher.take_all():
-                self.supervisor.answer(request, "error", self.supervisor.unavailable())
+            unavailable = self.supervisor.unavailable()
+            self.supervisor.answer_all(
+                [(request, "error", unavailable) for request in self.dispatcher.take_all()]
+            )
         with contextlib.suppress(OSError):
             self.conn.close()
         if self.process.is_alive():
@@ -527,16 +523,14 @@ class Supervisor:
     def unavailable(self, detail: str = "no live model worker for this route; retry shortly"):
         return 503, detail, {"Retry-After": str(self.settings.retry_after)}
 
-    def answer(self, request: QueuedRequest, kind: str, value: Any = None) -> None:
-        """Release the request's slots (its work is over), then answer its HTTP process.
-
-        ``kind`` is ``ok`` (``value``: the body), ``error`` (``value``: status, detail
-        and optionally headers) or ``expired`` (its client was answered 504 already).
-        """
-        self.answer_all([(request, kind, value)])
-
     def answer_all(self, answers: list[tuple[QueuedRequest, str, Any]]) -> None:
-        """:meth:`answer` for several requests (a batch): one message per HTTP process."""
+        """Release each request's slots (its work is over), then answer its HTTP process:
+        one message per HTTP process for all of ``answers`` (a batch's).
+
+        Each answer is ``(request, kind, value)``: ``kind`` is ``ok`` (``value``: the
+        body), ``error`` (``value``: status, detail and optionally headers) or
+        ``expired`` (its client was answered 504 already).
+        """
         by_consumer: dict[int, list[tuple[str, Any, bool]]] = {}
         for request, kind, value in answers:
             self.shared.release(request.slots)
