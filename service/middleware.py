@@ -241,15 +241,54 @@ class BodyMiddleware:
         await self.app(scope, replay, send)
 
 
+class TurnCoalescingTransport:
+    """A connection's transport whose writes of one event-loop turn leave as one send.
+
+    uvicorn writes a response's status line and headers, then its body, with a
+    ``transport.write`` each, and uvloop sends each at once: two segments per answer on a
+    TCP_NODELAY socket, two wake-ups of the client, and on loopback the kernel's delivery
+    paid twice by this process. Held until the end of the turn (``call_soon``), they go
+    out as one. Everything else is the real transport's; ``close`` sends what is held
+    first, as a transport's close does with its buffer."""
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
+        self._transport = transport
+        self._loop = loop
+        self._held: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not self._held:
+            self._loop.call_soon(self.flush)
+        self._held.append(data)
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        data = b"".join(self._held)
+        self._held.clear()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+
 def header_timeout_protocol(timeout: float):
     """uvicorn's HTTP protocol, closing connections whose request headers do not
     arrive within ``timeout`` seconds (uvicorn itself only times out idle keep-alive
-    connections, so a client trickling header bytes would hold one forever)."""
+    connections, so a client trickling header bytes would hold one forever), and
+    writing each answer as one send (:class:`TurnCoalescingTransport`)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderTimeoutProtocol(HttpToolsProtocol):
         def connection_made(self, transport) -> None:
-            super().connection_made(transport)
+            super().connection_made(TurnCoalescingTransport(transport, self.loop))
             self._arm_header_timer()
 
         def _arm_header_timer(self) -> None:
