@@ -251,10 +251,10 @@ class TurnCoalescingTransport:
     out as one. Everything else is the real transport's; ``close`` sends what is held
     first, as a transport's close does with its buffer."""
 
-    __slots__ = ("_held", "_loop", "_transport")
+    __slots__ = ("_held", "_inner", "_loop")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop):
-        self._transport = transport
+        self._inner = transport
         self._loop = loop
         self._held: list[bytes] = []
 
@@ -268,15 +268,15 @@ class TurnCoalescingTransport:
             return
         data = b"".join(self._held)
         self._held.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        if not self._inner.is_closing():
+            self._inner.write(data)
 
     def close(self) -> None:
         self.flush()
-        self._transport.close()
+        self._inner.close()
 
     def __getattr__(self, name: str):
-        return getattr(self._transport, name)
+        return getattr(self._inner, name)
 
 
 def header_timeout_protocol(timeout: float):
